@@ -1,0 +1,839 @@
+# pragma version ~=0.4.3
+# pragma nonreentrancy on
+"""
+@title BackpressurePool
+@custom:contract-name BackpressurePool
+@license AGPL-3.0-only
+@notice A self-contained streaming distribution pool per task type (ERC-20, no
+        Superfluid). Funders prepay streams (rate in tokens/second, topped up, closed
+        with a refund of what has not streamed) or distribute instantly. Once per epoch a
+        permissionless `rebalance` splits what came in among the sinks by units, updates
+        each sink's virtual backlog (paid but not verified by receipts), and sets the next
+        epoch's units from the backpressure weight
+            w_k = max(0, Cbar_k - Q_k / (H * fee))        (tasks per epoch)
+        i.e. Cbar_k * max(0, 1 - b_k / H) with b_k = Q_k / (Cbar_k * fee) epochs of backlog.
+        Money the sinks cannot absorb (sum of w_k * fee per epoch) goes to the EscrowBuffer,
+        credited to the funder it came from; what the escrow cannot take stays unstreamed
+        in the funder's stream (back-pressure). Members claim (pull) their balance.
+@custom:security Conservation (checked by the stateful tests after every step):
+            token.balanceOf(pool) == liabilities() summed over task types
+        where liabilities = unstreamed deposits + pot (incl. dust) + unclaimed + owed.
+        Rounding remainders stay in the pot and are distributed next epoch; nothing is
+        stranded. Units are set only by `rebalance`, from on-chain state; nobody (owner
+        included) can set units. A LEAVING sink gets no share of anything distributed
+        after it left; its balance moves to `owed` and its slot is released.
+        Trust: the wired CompletionTracker credits verified work; the wired EscrowBuffer
+        and PricingCurve are called only by this pool.
+"""
+
+from ethereum.ercs import IERC20
+from snekmate.auth import ownable
+from snekmate.auth import ownable_2step
+
+from modules import epoch_clock
+from modules import token_io
+from modules import backpressure
+from interfaces import ICapacityRegistry
+from interfaces import IPricingCurve
+from interfaces import IEscrowBuffer
+from interfaces import ICompletionTracker
+
+initializes: ownable
+initializes: ownable_2step[ownable := ownable]
+initializes: epoch_clock
+initializes: token_io
+
+exports: (
+    ownable_2step.owner,
+    ownable_2step.pending_owner,
+    ownable_2step.transfer_ownership,
+    ownable_2step.accept_ownership,
+    epoch_clock.GENESIS,
+    epoch_clock.EPOCH_LENGTH,
+    token_io.TOKEN,
+)
+
+MAX_SINKS: public(constant(uint256)) = 64
+MAX_FUNDERS: public(constant(uint256)) = 16
+MAX_CATCH_UP: constant(uint256) = 255
+WAD: constant(uint256) = 10**18
+BPS: constant(uint256) = 10_000
+# units = smoothed capacity (WAD) // UNIT_DIV, i.e. tasks per epoch scaled by 1e9 (< 2**62)
+UNIT_DIV: constant(uint256) = 10**9
+
+# Packed per-slot word (the one pool slot a rebalance touches per sink):
+#   bits   0..61  units of the current epoch
+#   bit       63  slash mark present (see _slash_mark)
+#   bits  64..159 x + BIAS, x = backlog at the last rebalance minus verified credit since
+#   bits 160..255 unclaimed balance
+MASK62: constant(uint256) = 2**62 - 1
+MASK96: constant(uint256) = 2**96 - 1
+MARK_BIT: constant(uint256) = 2**63
+BIAS: constant(uint256) = 2**95
+STATUS_ACTIVE: constant(uint256) = 1
+STATUS_LEAVING: constant(uint256) = 2
+
+REGISTRY: public(immutable(ICapacityRegistry))
+PRICING: public(immutable(IPricingCurve))
+ESCROW: public(immutable(IEscrowBuffer))
+
+struct Stream:
+    funder: address
+    rate: uint256
+    remaining: uint256
+    last: uint256
+    contrib: uint256
+
+struct PoolState:
+    last_epoch_p1: uint256
+    pending: uint256
+    total_units: uint256
+    spare: uint256
+    fee: uint256
+
+struct Position:
+    slot: uint256
+    units: uint256
+    backlog: uint256
+    unclaimed: uint256
+    owed: uint256
+
+tracker: public(address)
+tolerance_bps: public(uint256)
+min_funding: public(uint256)
+drain_bps: public(uint256)
+
+pools: public(HashMap[bytes32, PoolState])
+streams: public(HashMap[bytes32, HashMap[uint256, Stream]])
+stream_count: public(HashMap[bytes32, uint256])
+_stream_plus_one: HashMap[bytes32, HashMap[address, uint256]]
+# funded (low 128 bits) | credited (high 128 bits): money this funder put in the pot
+# (net of what overflowed back out) and verified credit it has vouched for.
+_credit: HashMap[bytes32, HashMap[address, uint256]]
+_hot: HashMap[bytes32, HashMap[uint256, uint256]]
+_slash_mark: HashMap[bytes32, HashMap[uint256, uint256]]
+owed: public(HashMap[bytes32, HashMap[address, uint256]])
+owed_total: public(HashMap[bytes32, uint256])
+
+event Wired:
+    tracker: address
+
+event ParamsSet:
+    tolerance_bps: uint256
+    min_funding: uint256
+    drain_bps: uint256
+
+event StreamFunded:
+    task_type: indexed(bytes32)
+    funder: indexed(address)
+    amount: uint256
+    rate: uint256
+    remaining: uint256
+
+event StreamClosed:
+    task_type: indexed(bytes32)
+    funder: indexed(address)
+    refunded: uint256
+
+event Distributed:
+    task_type: indexed(bytes32)
+    funder: indexed(address)
+    amount: uint256
+
+event Credited:
+    task_type: indexed(bytes32)
+    total: uint256
+
+event Rebalanced:
+    task_type: indexed(bytes32)
+    epoch: indexed(uint256)
+    inflow: uint256
+    distributed: uint256
+    to_escrow: uint256
+    stalled: uint256
+    drained: uint256
+    pending: uint256
+    fee: uint256
+    total_units: uint256
+
+event Allocations:
+    task_type: indexed(bytes32)
+    epoch: indexed(uint256)
+    words: DynArray[uint256, MAX_SINKS]
+
+event EscrowDrained:
+    task_type: indexed(bytes32)
+    amount: uint256
+
+event SlotSettled:
+    task_type: indexed(bytes32)
+    sink: indexed(address)
+    slot: uint256
+    owed: uint256
+
+event Claimed:
+    task_type: indexed(bytes32)
+    sink: indexed(address)
+    amount: uint256
+
+
+@deploy
+def __init__(
+    registry: ICapacityRegistry,
+    pricing: IPricingCurve,
+    escrow: IEscrowBuffer,
+    tolerance_bps: uint256,
+    min_funding: uint256,
+):
+    """
+    @param registry The CapacityRegistry (settlement token and epoch clock come from it).
+    @param pricing The PricingCurve.
+    @param escrow The EscrowBuffer.
+    @param tolerance_bps H, the backlog (in epochs, BPS) at which a sink's weight reaches 0.
+    @param min_funding Smallest first deposit that takes one of the MAX_FUNDERS slots.
+    """
+    ownable.__init__()
+    ownable_2step.__init__()
+    epoch_clock.__init__(staticcall registry.GENESIS(), staticcall registry.EPOCH_LENGTH())
+    token_io.__init__(IERC20(staticcall registry.TOKEN()))
+    REGISTRY = registry
+    PRICING = pricing
+    ESCROW = escrow
+    self._set_params(tolerance_bps, min_funding, BPS)
+
+
+# ---------------------------------------------------------------- owner
+
+
+@external
+def wire(tracker: address):
+    """
+    @notice Sets, once, the CompletionTracker allowed to credit verified work.
+    @dev Owner only.
+    @param tracker The CompletionTracker of this deployment.
+    """
+    ownable._check_owner()
+    assert self.tracker == empty(address), "pool: already wired"
+    assert tracker != empty(address), "pool: zero address"
+    self.tracker = tracker
+    log Wired(tracker=tracker)
+
+
+@external
+def set_params(tolerance_bps: uint256, min_funding: uint256, drain_bps: uint256):
+    """
+    @notice Sets the weight tolerance H, the minimum first funding and the share of spare
+            capacity used to drain escrow each epoch.
+    @dev Owner only. Never touches balances or units directly.
+    """
+    ownable._check_owner()
+    self._set_params(tolerance_bps, min_funding, drain_bps)
+
+
+# ---------------------------------------------------------------- funders
+
+
+@external
+def fund(task_type: bytes32, amount: uint256, rate: uint256):
+    """
+    @notice Opens or tops up the caller's prepaid stream and sets its rate.
+    @param task_type The market.
+    @param amount Tokens to add to the stream's deposit (pulled from the caller; may be 0
+           to only change the rate of an existing stream).
+    @param rate Tokens per second streamed into the pool while the deposit lasts.
+    """
+    j: uint256 = self._funder_slot(task_type, msg.sender, amount)
+    st: Stream = self._settled(task_type, self.streams[task_type][j])
+    if amount > 0:
+        token_io._pull(msg.sender, amount)
+        st.remaining += amount
+    st.rate = rate
+    self.streams[task_type][j] = st
+    log StreamFunded(task_type=task_type, funder=msg.sender, amount=amount, rate=rate, remaining=st.remaining)
+
+
+@external
+def close_stream(task_type: bytes32) -> uint256:
+    """
+    @notice Stops the caller's stream and refunds what has not streamed.
+    @param task_type The market.
+    @return The refund.
+    """
+    sp1: uint256 = self._stream_plus_one[task_type][msg.sender]
+    assert sp1 != 0, "pool: no stream"
+    j: uint256 = unsafe_sub(sp1, 1)
+    st: Stream = self._settled(task_type, self.streams[task_type][j])
+    refund: uint256 = st.remaining
+    st.remaining = 0
+    st.rate = 0
+    self.streams[task_type][j] = st
+    if refund > 0:
+        token_io._push(msg.sender, refund)
+    log StreamClosed(task_type=task_type, funder=msg.sender, refunded=refund)
+    return refund
+
+
+@external
+def distribute(task_type: bytes32, amount: uint256):
+    """
+    @notice Instant distribution: `amount` joins this epoch's pot, split at the next
+            rebalance like streamed money (overflow rules included).
+    @param task_type The market.
+    @param amount Tokens pulled from the caller.
+    """
+    assert amount > 0, "pool: zero amount"
+    j: uint256 = self._funder_slot(task_type, msg.sender, amount)
+    token_io._pull(msg.sender, amount)
+    st: Stream = self.streams[task_type][j]
+    st.contrib += amount
+    self.streams[task_type][j] = st
+    self.pools[task_type].pending += amount
+    self._add_funded(task_type, msg.sender, amount)
+    log Distributed(task_type=task_type, funder=msg.sender, amount=amount)
+
+
+# ---------------------------------------------------------------- tracker
+
+
+@external
+def credit(
+    task_type: bytes32,
+    slots: DynArray[uint256, MAX_SINKS],
+    slot_amounts: DynArray[uint256, MAX_SINKS],
+    sources: DynArray[address, MAX_SINKS],
+    source_amounts: DynArray[uint256, MAX_SINKS],
+):
+    """
+    @notice Credits verified work (already checked receipts) to sinks' backlogs.
+    @dev Tracker only. Each source's total must fit within the money it put in the pot and
+         has not yet vouched for; the tracker checks this per receipt first, this re-check
+         only guards the invariant.
+    """
+    assert msg.sender == self.tracker, "pool: caller is not the tracker"
+    assert len(slots) == len(slot_amounts) and len(sources) == len(source_amounts), "pool: length mismatch"
+    for k: uint256 in range(MAX_SINKS):
+        if k == len(sources):
+            break
+        src: address = sources[k]
+        sp1: uint256 = self._stream_plus_one[task_type][src]
+        if sp1 != 0:
+            j: uint256 = unsafe_sub(sp1, 1)
+            self.streams[task_type][j] = self._settled(task_type, self.streams[task_type][j])
+        c: uint256 = self._credit[task_type][src]
+        credited: uint256 = (c >> 128) + source_amounts[k]
+        assert credited <= c & (2**128 - 1), "pool: credit exceeds funding"
+        self._credit[task_type][src] = (c & (2**128 - 1)) | (credited << 128)
+    total: uint256 = 0
+    for k: uint256 in range(MAX_SINKS):
+        if k == len(slots):
+            break
+        amount: uint256 = slot_amounts[k]
+        word: uint256 = self._hot[task_type][slots[k]]
+        xb: uint256 = (word >> 64) & MASK96
+        # x saturates at -(BIAS - 1): credit beyond any backlog is dropped at the next
+        # rebalance anyway (Q = max(0, x + paid)), so saturation loses nothing.
+        if xb > amount:
+            xb = unsafe_sub(xb, amount)
+        else:
+            xb = 1
+        self._hot[task_type][slots[k]] = (word & ~(MASK96 << 64)) | (xb << 64)
+        total += amount
+    log Credited(task_type=task_type, total=total)
+
+
+# ---------------------------------------------------------------- keepers
+
+
+@external
+def rebalance(task_type: bytes32) -> uint256:
+    """
+    @notice Closes the epoch for `task_type`: settles streams, splits the pot among sinks
+            by their units, moves overflow to escrow, updates backlogs, slashes sustained
+            relative under-delivery through the tracker, drains escrow into spare capacity,
+            advances the fee, and sets the next epoch's units. Anyone may call, once per
+            epoch; a second call in the same epoch reverts cheaply ("pool: rebalance not due").
+    @param task_type The market.
+    @return The new total units.
+    """
+    ps: PoolState = self.pools[task_type]
+    epoch: uint256 = epoch_clock._epoch()
+    assert epoch + 1 > ps.last_epoch_p1, "pool: rebalance not due"
+    n_epochs: uint256 = 1
+    if ps.last_epoch_p1 == 0:
+        assert staticcall REGISTRY.task_exists(task_type), "pool: unknown task type"
+    else:
+        n_epochs = min(epoch + 1 - ps.last_epoch_p1, MAX_CATCH_UP)
+
+    # 1. streams: settle in memory; fresh inflow = everything funders put in this period
+    nf: uint256 = self.stream_count[task_type]
+    sts: DynArray[Stream, MAX_FUNDERS] = []
+    inflow: uint256 = 0
+    for j: uint256 in range(MAX_FUNDERS):
+        if j == nf:
+            break
+        st: Stream = self.streams[task_type][j]
+        streamed: uint256 = self._streamed(st)
+        if streamed > 0:
+            st.remaining -= streamed
+            st.contrib += streamed
+            ps.pending += streamed
+            self._add_funded(task_type, st.funder, streamed)
+        st.last = block.timestamp
+        inflow += st.contrib
+        sts.append(st)
+
+    # 2. what the sinks can absorb this period, at the fee of the period
+    caps: DynArray[uint256, MAX_SINKS] = staticcall REGISTRY.capacities(task_type)
+    fee: uint256 = staticcall PRICING.base_fee(task_type)
+    level_before: uint256 = staticcall ESCROW.level(task_type)
+    n: uint256 = len(caps)
+    words: DynArray[uint256, MAX_SINKS] = []
+    u_eff: uint256 = 0
+    full_wad: uint256 = 0
+    for i: uint256 in range(MAX_SINKS):
+        if i == n:
+            break
+        w: uint256 = self._hot[task_type][i]
+        words.append(w)
+        if caps[i] >> 248 == STATUS_ACTIVE:
+            u_eff += w & MASK62
+            full_wad += caps[i] & MASK96
+    absorbable: uint256 = u_eff * fee * n_epochs // UNIT_DIV
+    to_sinks: uint256 = 0
+    if u_eff > 0:
+        to_sinks = min(ps.pending, absorbable)
+
+    # 3. overflow (fresh money only) to escrow, FIFO-credited to its funder; what escrow
+    #    cannot take goes back into the funder's unstreamed deposit (back-pressure)
+    overflow: uint256 = min(ps.pending - to_sinks, inflow)
+    moved: uint256 = 0
+    stalled: uint256 = 0
+    if overflow > 0:
+        room: uint256 = staticcall ESCROW.room(task_type)
+        e_funders: DynArray[address, MAX_FUNDERS] = []
+        e_amounts: DynArray[uint256, MAX_FUNDERS] = []
+        for j: uint256 in range(MAX_FUNDERS):
+            if j == len(sts):
+                break
+            ov: uint256 = overflow * sts[j].contrib // inflow
+            if ov == 0:
+                continue
+            acc: uint256 = min(ov, room)
+            room -= acc
+            if acc > 0:
+                e_funders.append(sts[j].funder)
+                e_amounts.append(acc)
+                moved += acc
+            if ov > acc:
+                sts[j].remaining += ov - acc
+                stalled += ov - acc
+            self._sub_funded(task_type, sts[j].funder, ov)
+        ps.pending -= moved + stalled
+        if moved > 0:
+            token_io._push(ESCROW.address, moved)
+            extcall ESCROW.credit_overflow(task_type, e_funders, e_amounts)
+
+    # 4. split, backlog, slashing, next units
+    hh: uint256 = self.tolerance_bps
+    thr_bps: uint256 = staticcall ICompletionTracker(self.tracker).slash_threshold_bps()
+    paid: DynArray[uint256, MAX_SINKS] = []
+    qraw: DynArray[uint256, MAX_SINKS] = []
+    value: DynArray[uint256, MAX_SINKS] = []
+    b_min: uint256 = max_value(uint256)
+    distributed: uint256 = 0
+    for i: uint256 in range(MAX_SINKS):
+        if i == n:
+            break
+        w: uint256 = words[i]
+        status: uint256 = caps[i] >> 248
+        p_i: uint256 = 0
+        if status == STATUS_ACTIVE and u_eff > 0:
+            p_i = to_sinks * (w & MASK62) // u_eff
+            distributed += p_i
+        # Q before clamping = max(0, x + paid)
+        q: uint256 = 0
+        xb: uint256 = ((w >> 64) & MASK96) + p_i
+        if xb > BIAS:
+            q = unsafe_sub(xb, BIAS)
+        # money value of one epoch at the sink's capacity (or, for a leaving sink, at its
+        # last weight), the unit in which backlog is measured
+        e_i: uint256 = backpressure._epoch_value(max(caps[i] & MASK96, (w & MASK62) * UNIT_DIV), fee)
+        paid.append(p_i)
+        qraw.append(q)
+        value.append(e_i)
+        if status == STATUS_ACTIVE and p_i > 0 and e_i > 0:
+            b_min = min(b_min, q * WAD // e_i)
+    if b_min == max_value(uint256):
+        b_min = 0
+    ps.pending -= distributed
+
+    new_total: uint256 = 0
+    for i: uint256 in range(MAX_SINKS):
+        if i == n:
+            break
+        w: uint256 = words[i]
+        status: uint256 = caps[i] >> 248
+        if status != STATUS_ACTIVE and status != STATUS_LEAVING:
+            continue
+        q: uint256 = qraw[i]
+        e_i: uint256 = value[i]
+        mark_flag: uint256 = w & MARK_BIT
+        # relative slashing: only backlog beyond the absolute threshold AND beyond what the
+        # best paid sink shows (a source-wide outage backlogs everyone equally) counts, and
+        # each unit of shortfall is slashed at most once (the mark)
+        base: uint256 = max(e_i * thr_bps // BPS, b_min * e_i // WAD)
+        judged: bool = (paid[i] > 0 or status == STATUS_LEAVING) and q > base
+        if judged or mark_flag != 0:
+            mark: uint256 = 0
+            if mark_flag != 0:
+                mark = self._slash_mark[task_type][i]
+            if judged and q > mark:
+                excess: uint256 = q - max(base, mark)
+                sink: address = staticcall REGISTRY.member_at(task_type, i)
+                extcall ICompletionTracker(self.tracker).report_shortfall(task_type, sink, excess)
+                mark = q
+            elif q < mark:
+                mark = q
+            self._slash_mark[task_type][i] = mark
+            mark_flag = 0
+            if mark != 0:
+                mark_flag = MARK_BIT
+        unclaimed: uint256 = (w >> 160) + paid[i]
+        if status == STATUS_LEAVING:
+            self._settle_leaving(task_type, i, unclaimed)
+            words[i] = 0
+            continue
+        q = min(min(q, backpressure._backlog_cap(e_i, hh)), BIAS - 1)
+        units: uint256 = backpressure._units(caps[i] & MASK96, q, fee, hh)
+        new_total += units
+        assert unclaimed <= MASK96, "pool: balance overflow"
+        word: uint256 = units | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
+        self._hot[task_type][i] = word
+        words[i] = word
+
+    # 5. drain escrow into the spare capacity of this period
+    spare: uint256 = absorbable - to_sinks
+    drained: uint256 = 0
+    allowance: uint256 = spare * self.drain_bps // BPS
+    if allowance > 0 and level_before > 0:
+        drained = self._drain(task_type, allowance)
+        ps.pending += drained
+    ps.spare = spare - min(spare, drained)
+
+    # 6. fee: utilisation = (fresh inflow + money already queued in escrow) / full capacity
+    full_value: uint256 = full_wad * fee * n_epochs // WAD
+    extcall PRICING.advance(task_type, epoch, inflow + level_before, full_value, n_epochs)
+
+    # 7. write back streams (contributions consumed), dropping closed ones
+    self._store_streams(task_type, sts)
+    ps.last_epoch_p1 = epoch + 1
+    ps.total_units = new_total
+    ps.fee = fee
+    self.pools[task_type] = ps
+    log Rebalanced(
+        task_type=task_type,
+        epoch=epoch,
+        inflow=inflow,
+        distributed=distributed,
+        to_escrow=moved,
+        stalled=stalled,
+        drained=drained,
+        pending=ps.pending,
+        fee=fee,
+        total_units=new_total,
+    )
+    log Allocations(task_type=task_type, epoch=epoch, words=words)
+    return new_total
+
+
+@external
+def drain_escrow(task_type: bytes32) -> uint256:
+    """
+    @notice Pulls queued escrow money into the pot, up to the spare capacity left from the
+            last rebalance. Anyone may call.
+    @param task_type The market.
+    @return The amount drained.
+    """
+    spare: uint256 = self.pools[task_type].spare
+    assert spare > 0, "pool: no spare capacity"
+    drained: uint256 = self._drain(task_type, spare)
+    assert drained > 0, "pool: escrow empty"
+    self.pools[task_type].spare = spare - drained
+    self.pools[task_type].pending += drained
+    return drained
+
+
+# ---------------------------------------------------------------- sinks
+
+
+@external
+def claim(task_type: bytes32) -> uint256:
+    """
+    @notice Pays the caller everything it has earned in this market (pull payment).
+    @param task_type The market.
+    @return The amount paid.
+    """
+    amount: uint256 = self.owed[task_type][msg.sender]
+    if amount > 0:
+        self.owed[task_type][msg.sender] = 0
+        self.owed_total[task_type] -= amount
+    sp1: uint256 = staticcall REGISTRY.slot_of(task_type, msg.sender)
+    if sp1 != 0:
+        i: uint256 = unsafe_sub(sp1, 1)
+        w: uint256 = self._hot[task_type][i]
+        amount += w >> 160
+        self._hot[task_type][i] = w & (2**160 - 1)
+    assert amount > 0, "pool: nothing to claim"
+    token_io._push(msg.sender, amount)
+    log Claimed(task_type=task_type, sink=msg.sender, amount=amount)
+    return amount
+
+
+# ---------------------------------------------------------------- views
+
+
+@external
+@view
+def position(task_type: bytes32, sink: address) -> Position:
+    """
+    @notice A sink's slot (index + 1, 0 if not registered), units, backlog (the last
+            rebalance's backlog minus verified credit since), unclaimed and owed balances.
+    """
+    out: Position = empty(Position)
+    out.owed = self.owed[task_type][sink]
+    sp1: uint256 = staticcall REGISTRY.slot_of(task_type, sink)
+    out.slot = sp1
+    if sp1 != 0:
+        w: uint256 = self._hot[task_type][unsafe_sub(sp1, 1)]
+        out.units = w & MASK62
+        xb: uint256 = (w >> 64) & MASK96
+        if xb > BIAS:
+            out.backlog = xb - BIAS
+        out.unclaimed = w >> 160
+    return out
+
+
+@external
+@view
+def backlog_of(task_type: bytes32, sink: address) -> (uint256, uint256):
+    """
+    @notice (backlog, value of one full-capacity epoch at the last fee), both in money;
+            their ratio is the backlog in epochs used by the PricingCurve.
+    """
+    sp1: uint256 = staticcall REGISTRY.slot_of(task_type, sink)
+    if sp1 == 0:
+        return 0, 0
+    w: uint256 = self._hot[task_type][unsafe_sub(sp1, 1)]
+    xb: uint256 = (w >> 64) & MASK96
+    q: uint256 = 0
+    if xb > BIAS:
+        q = xb - BIAS
+    s: uint256 = staticcall REGISTRY.smoothed_capacity_wad(task_type, sink)
+    return q, backpressure._epoch_value(s, self.pools[task_type].fee)
+
+
+@external
+@view
+def hot_word(task_type: bytes32, slot: uint256) -> uint256:
+    """
+    @notice The packed per-slot word (units | mark | backlog+2**95 | unclaimed).
+    """
+    return self._hot[task_type][slot]
+
+
+@external
+@view
+def funder_room(task_type: bytes32, funder: address) -> uint256:
+    """
+    @notice How much more verified credit `funder` may vouch for: what it has put in the
+            pot (streams settled up to now, instant distributions, drained escrow, net of
+            overflow) minus what it has already credited.
+    """
+    c: uint256 = self._credit[task_type][funder]
+    funded: uint256 = c & (2**128 - 1)
+    sp1: uint256 = self._stream_plus_one[task_type][funder]
+    if sp1 != 0:
+        funded += self._streamed(self.streams[task_type][unsafe_sub(sp1, 1)])
+    credited: uint256 = c >> 128
+    if credited >= funded:
+        return 0
+    return funded - credited
+
+
+@external
+@view
+def credit_of(task_type: bytes32, funder: address) -> (uint256, uint256):
+    """
+    @notice (funded, credited) as stored.
+    """
+    c: uint256 = self._credit[task_type][funder]
+    return c & (2**128 - 1), c >> 128
+
+
+@external
+@view
+def stream_of(task_type: bytes32, funder: address) -> Stream:
+    """
+    @notice The funder's stream with the unsettled part moved from `remaining` to `contrib`.
+    """
+    sp1: uint256 = self._stream_plus_one[task_type][funder]
+    if sp1 == 0:
+        return empty(Stream)
+    st: Stream = self.streams[task_type][unsafe_sub(sp1, 1)]
+    streamed: uint256 = self._streamed(st)
+    st.remaining -= streamed
+    st.contrib += streamed
+    st.last = block.timestamp
+    return st
+
+
+@external
+@view
+def liabilities(task_type: bytes32) -> uint256:
+    """
+    @notice Everything this pool owes in one market: unstreamed deposits + pot + unclaimed
+            + owed. Summed over markets it equals the pool's token balance.
+    """
+    total: uint256 = self.pools[task_type].pending + self.owed_total[task_type]
+    nf: uint256 = self.stream_count[task_type]
+    for j: uint256 in range(MAX_FUNDERS):
+        if j == nf:
+            break
+        total += self.streams[task_type][j].remaining
+    for i: uint256 in range(MAX_SINKS):
+        total += self._hot[task_type][i] >> 160
+    return total
+
+
+@external
+@view
+def rebalance_due(task_type: bytes32) -> bool:
+    """
+    @notice True when `rebalance` would not revert with "pool: rebalance not due".
+    """
+    return epoch_clock._epoch() + 1 > self.pools[task_type].last_epoch_p1
+
+
+# ---------------------------------------------------------------- internal
+
+
+@internal
+def _set_params(tolerance_bps: uint256, min_funding: uint256, drain_bps: uint256):
+    assert tolerance_bps >= 1_000 and tolerance_bps <= 100_000, "pool: tolerance out of range"
+    assert min_funding > 0, "pool: zero min funding"
+    assert drain_bps <= BPS, "pool: drain share above 100%"
+    self.tolerance_bps = tolerance_bps
+    self.min_funding = min_funding
+    self.drain_bps = drain_bps
+    log ParamsSet(tolerance_bps=tolerance_bps, min_funding=min_funding, drain_bps=drain_bps)
+
+
+@internal
+def _funder_slot(task_type: bytes32, funder: address, amount: uint256) -> uint256:
+    sp1: uint256 = self._stream_plus_one[task_type][funder]
+    if sp1 != 0:
+        return unsafe_sub(sp1, 1)
+    assert staticcall REGISTRY.task_exists(task_type), "pool: unknown task type"
+    assert amount >= self.min_funding, "pool: below min funding"
+    j: uint256 = self.stream_count[task_type]
+    assert j < MAX_FUNDERS, "pool: funder set full"
+    self.stream_count[task_type] = j + 1
+    self._stream_plus_one[task_type][funder] = j + 1
+    self.streams[task_type][j] = Stream(funder=funder, rate=0, remaining=0, last=block.timestamp, contrib=0)
+    return j
+
+
+@internal
+@view
+def _streamed(st: Stream) -> uint256:
+    return min(st.remaining, st.rate * (block.timestamp - st.last))
+
+
+@internal
+def _settled(task_type: bytes32, st_in: Stream) -> Stream:
+    """
+    @dev Moves what streamed since `st.last` from the deposit into the pot; the caller
+         stores the returned stream.
+    """
+    st: Stream = st_in
+    streamed: uint256 = self._streamed(st)
+    st.last = block.timestamp
+    if streamed > 0:
+        st.remaining -= streamed
+        st.contrib += streamed
+        self.pools[task_type].pending += streamed
+        self._add_funded(task_type, st.funder, streamed)
+    return st
+
+
+@internal
+def _add_funded(task_type: bytes32, funder: address, amount: uint256):
+    c: uint256 = self._credit[task_type][funder]
+    funded: uint256 = (c & (2**128 - 1)) + amount
+    assert funded < 2**128, "pool: funding overflow"
+    self._credit[task_type][funder] = (c & ~(2**128 - 1)) | funded
+
+
+@internal
+def _sub_funded(task_type: bytes32, funder: address, amount: uint256):
+    c: uint256 = self._credit[task_type][funder]
+    # amount <= this period's contribution, which was added to funded
+    self._credit[task_type][funder] = c - amount
+
+
+@internal
+def _drain(task_type: bytes32, max_amount: uint256) -> uint256:
+    before: uint256 = token_io._balance()
+    funders: DynArray[address, 32] = []
+    amounts: DynArray[uint256, 32] = []
+    funders, amounts = extcall ESCROW.release(task_type, max_amount)
+    total: uint256 = 0
+    for k: uint256 in range(32):
+        if k == len(funders):
+            break
+        total += amounts[k]
+        self._add_funded(task_type, funders[k], amounts[k])
+    assert total <= max_amount, "pool: escrow released too much"
+    assert token_io._balance() - before == total, "pool: escrow transfer mismatch"
+    if total > 0:
+        log EscrowDrained(task_type=task_type, amount=total)
+    return total
+
+
+@internal
+def _settle_leaving(task_type: bytes32, slot: uint256, unclaimed: uint256):
+    sink: address = staticcall REGISTRY.member_at(task_type, slot)
+    if unclaimed > 0:
+        self.owed[task_type][sink] += unclaimed
+        self.owed_total[task_type] += unclaimed
+    self._hot[task_type][slot] = 0
+    self._slash_mark[task_type][slot] = 0
+    extcall REGISTRY.release_slot(task_type, slot)
+    log SlotSettled(task_type=task_type, sink=sink, slot=slot, owed=unclaimed)
+
+
+@internal
+def _store_streams(task_type: bytes32, sts: DynArray[Stream, MAX_FUNDERS]):
+    """
+    @dev Writes the settled streams back with contributions reset, compacting away
+         closed ones (no rate, no deposit): the last live stream moves into the gap.
+    """
+    kept: uint256 = 0
+    for j: uint256 in range(MAX_FUNDERS):
+        if j == len(sts):
+            break
+        st: Stream = sts[j]
+        st.contrib = 0
+        if st.rate == 0 and st.remaining == 0:
+            self._stream_plus_one[task_type][st.funder] = 0
+            continue
+        self.streams[task_type][kept] = st
+        self._stream_plus_one[task_type][st.funder] = kept + 1
+        kept += 1
+    for j: uint256 in range(MAX_FUNDERS):
+        if j < kept:
+            continue
+        if j >= len(sts):
+            break
+        self.streams[task_type][j] = empty(Stream)
+    self.stream_count[task_type] = kept
