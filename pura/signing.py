@@ -1,0 +1,161 @@
+"""EIP-712 typed data for Pura's signed messages, and helpers to sign them.
+
+The typed-data definitions here are the single Python source of truth for the two
+structs the contracts verify; tests check that the contracts' own digest views agree with
+`eth_account`'s independent encoding, so a wallet that signs these dicts produces
+signatures the contracts accept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_utils import keccak
+
+RECEIPT_TYPE = [
+    {"name": "taskType", "type": "bytes32"},
+    {"name": "sink", "type": "address"},
+    {"name": "source", "type": "address"},
+    {"name": "taskId", "type": "bytes32"},
+    {"name": "amount", "type": "uint256"},
+    {"name": "responseHash", "type": "bytes32"},
+    {"name": "nonce", "type": "uint256"},
+    {"name": "deadline", "type": "uint256"},
+]
+
+ATTESTATION_TYPE = [
+    {"name": "taskType", "type": "bytes32"},
+    {"name": "sink", "type": "address"},
+    {"name": "capacity", "type": "uint256"},
+    {"name": "nonce", "type": "uint256"},
+    {"name": "deadline", "type": "uint256"},
+]
+
+TRACKER_DOMAIN_NAME = "Pura CompletionTracker"
+REGISTRY_DOMAIN_NAME = "Pura CapacityRegistry"
+DOMAIN_VERSION = "1"
+
+
+def task_type_id(name: str) -> bytes:
+    """The bytes32 id of a market: keccak256 of its name, e.g. "llm.cheap"."""
+    return keccak(text=name)
+
+
+def _domain(name: str, chain_id: int, verifying_contract: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": DOMAIN_VERSION,
+        "chainId": chain_id,
+        "verifyingContract": verifying_contract,
+    }
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A completion receipt: `amount` (settlement-token base units) paid by `source` to
+    `sink` for task `task_id` whose answer hashes to `response_hash`."""
+
+    task_type: bytes
+    sink: str
+    source: str
+    task_id: bytes
+    amount: int
+    response_hash: bytes
+    nonce: int
+    deadline: int
+
+    def message(self) -> dict[str, Any]:
+        return {
+            "taskType": self.task_type,
+            "sink": self.sink,
+            "source": self.source,
+            "taskId": self.task_id,
+            "amount": self.amount,
+            "responseHash": self.response_hash,
+            "nonce": self.nonce,
+            "deadline": self.deadline,
+        }
+
+    def typed_data(self, chain_id: int, tracker: str) -> dict[str, Any]:
+        return {
+            "domain": _domain(TRACKER_DOMAIN_NAME, chain_id, tracker),
+            "types": {"Receipt": RECEIPT_TYPE},
+            "primaryType": "Receipt",
+            "message": self.message(),
+        }
+
+    def digest(self, chain_id: int, tracker: str) -> bytes:
+        return _digest(self.typed_data(chain_id, tracker))
+
+    def sign(self, private_key: str | bytes, chain_id: int, tracker: str) -> bytes:
+        return sign_digest(private_key, self.digest(chain_id, tracker))
+
+    def as_call_arg(self, sink_sig: bytes, source_sig: bytes) -> tuple:
+        """The tuple CompletionTracker.submit_receipts takes for one receipt."""
+        return (
+            self.sink,
+            self.source,
+            self.task_id,
+            self.amount,
+            self.response_hash,
+            self.nonce,
+            self.deadline,
+            sink_sig,
+            source_sig,
+        )
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A sink's signed capacity declaration, relayable by anyone."""
+
+    task_type: bytes
+    sink: str
+    capacity: int
+    nonce: int
+    deadline: int
+
+    def typed_data(self, chain_id: int, registry: str) -> dict[str, Any]:
+        return {
+            "domain": _domain(REGISTRY_DOMAIN_NAME, chain_id, registry),
+            "types": {"CapacityAttestation": ATTESTATION_TYPE},
+            "primaryType": "CapacityAttestation",
+            "message": {
+                "taskType": self.task_type,
+                "sink": self.sink,
+                "capacity": self.capacity,
+                "nonce": self.nonce,
+                "deadline": self.deadline,
+            },
+        }
+
+    def digest(self, chain_id: int, registry: str) -> bytes:
+        return _digest(self.typed_data(chain_id, registry))
+
+    def sign(self, private_key: str | bytes, chain_id: int, registry: str) -> bytes:
+        return sign_digest(private_key, self.digest(chain_id, registry))
+
+    def as_call_arg(self, signature: bytes) -> tuple:
+        return (self.task_type, self.sink, self.capacity, self.nonce, self.deadline, signature)
+
+
+def _digest(typed: dict[str, Any]) -> bytes:
+    signable = encode_typed_data(full_message=typed)
+    # EIP-712: keccak256(0x19 || 0x01 || domainSeparator || hashStruct(message))
+    return keccak(b"\x19" + signable.version + signable.header + signable.body)
+
+
+def sign_digest(private_key: str | bytes, digest: bytes) -> bytes:
+    """65-byte r || s || v signature (v in {27, 28}, low s) over an EIP-712 digest."""
+    signed = Account.unsafe_sign_hash(digest, private_key)
+    return (
+        signed.r.to_bytes(32, "big") + signed.s.to_bytes(32, "big") + bytes([signed.v])
+    )
+
+
+def recover(digest: bytes, signature: bytes) -> str:
+    """Signer address of a 65-byte signature over `digest`."""
+    return Account._recover_hash(digest, signature=signature)

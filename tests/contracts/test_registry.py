@@ -1,0 +1,336 @@
+"""CapacityRegistry: every external function, every revert message, linear caps, EWMA."""
+
+import ape
+import pytest
+from ape import chain
+
+from conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events
+from pura.signing import task_type_id
+
+ALPHA = 3 * 10**17
+
+
+def test_constructor_params(registry, token, treasury):
+    assert registry.TOKEN() == token.address
+    assert registry.ALPHA_WAD() == ALPHA
+    assert registry.EPOCH_LENGTH() == 3600
+    assert registry.treasury() == treasury.address
+    assert registry.MAX_SINKS() == 64
+
+
+def test_constructor_rejects_bad_alpha_and_treasury(project, owner, token, treasury):
+    with ape.reverts("registry: alpha out of range"):
+        owner.deploy(project.CapacityRegistry, token, 3600, 0, 1, treasury)
+    with ape.reverts("registry: alpha out of range"):
+        owner.deploy(project.CapacityRegistry, token, 3600, WAD + 1, 1, treasury)
+    with ape.reverts("registry: zero treasury"):
+        owner.deploy(project.CapacityRegistry, token, 3600, ALPHA, 1, "0x" + "00" * 20)
+    with ape.reverts("epoch_clock: zero epoch length"):
+        owner.deploy(project.CapacityRegistry, token, 0, ALPHA, 1, treasury)
+
+
+# ------------------------------------------------------------------ task types
+
+
+def test_create_task_type(registry, owner):
+    tid = task_type_id("new.market")
+    tx = registry.create_task_type(tid, 50 * USDC, 2 * USDC, sender=owner)
+    assert registry.task_exists(tid)
+    assert registry.task_types(tid) == (50 * USDC, 2 * USDC)
+    assert own_events(tx, registry) == [registry.TaskTypeCreated(task_type=tid, min_bond=50 * USDC, stake_per_unit=2 * USDC)]
+
+
+def test_create_task_type_reverts(registry, owner, stranger):
+    tid = task_type_id("x")
+    with ape.reverts("ownable: caller is not the owner"):
+        registry.create_task_type(tid, 10, 1, sender=stranger)
+    with ape.reverts("registry: zero task type"):
+        registry.create_task_type(b"\x00" * 32, 10, 1, sender=owner)
+    with ape.reverts("registry: task type exists"):
+        registry.create_task_type(CHEAP, 10, 1, sender=owner)
+    with ape.reverts("registry: zero stake per unit"):
+        registry.create_task_type(tid, 10, 0, sender=owner)
+    with ape.reverts("registry: min bond below one unit"):
+        registry.create_task_type(tid, 1, 2, sender=owner)
+    with ape.reverts("registry: min bond too large"):
+        registry.create_task_type(tid, 2**96, 1, sender=owner)
+
+
+# ------------------------------------------------------------------ wiring, treasury, ownership
+
+
+def test_wire_once_owner_only(project, owner, stranger, token, treasury, pool, tracker):
+    reg = owner.deploy(project.CapacityRegistry, token, 3600, ALPHA, 1, treasury)
+    with ape.reverts("ownable: caller is not the owner"):
+        reg.wire(pool, tracker, sender=stranger)
+    with ape.reverts("registry: zero address"):
+        reg.wire("0x" + "00" * 20, tracker, sender=owner)
+    tx = reg.wire(pool, tracker, sender=owner)
+    assert own_events(tx, reg) == [reg.Wired(pool=pool.address, tracker=tracker.address)]
+    with ape.reverts("registry: already wired"):
+        reg.wire(pool, tracker, sender=owner)
+    # the deployed registry is wired to the deployed pool and tracker
+    assert reg.pool() == pool.address and reg.tracker() == tracker.address
+
+
+def test_set_treasury(registry, owner, stranger):
+    with ape.reverts("ownable: caller is not the owner"):
+        registry.set_treasury(stranger, sender=stranger)
+    with ape.reverts("registry: zero treasury"):
+        registry.set_treasury("0x" + "00" * 20, sender=owner)
+    tx = registry.set_treasury(stranger, sender=owner)
+    assert registry.treasury() == stranger.address
+    assert own_events(tx, registry) == [registry.TreasurySet(treasury=stranger.address)]
+
+
+def test_pay_treasury_nothing(registry, stranger):
+    with ape.reverts("registry: nothing accrued"):
+        registry.pay_treasury(sender=stranger)
+
+
+def test_two_step_ownership(registry, owner, stranger, keeper):
+    registry.transfer_ownership(stranger, sender=owner)
+    assert registry.owner() == owner.address
+    assert registry.pending_owner() == stranger.address
+    with ape.reverts("ownable_2step: caller is not the new owner"):
+        registry.accept_ownership(sender=keeper)
+    registry.accept_ownership(sender=stranger)
+    assert registry.owner() == stranger.address
+    with ape.reverts("ownable: caller is not the owner"):
+        registry.create_task_type(task_type_id("y"), 10, 1, sender=owner)
+
+
+# ------------------------------------------------------------------ registration
+
+
+def test_register_sink(registry, token, sink_a, proto):
+    before = token.balanceOf(sink_a)
+    tx = registry.register_sink(CHEAP, 150 * USDC, 120, sender=sink_a)
+    assert token.balanceOf(sink_a) == before - 150 * USDC
+    assert registry.slot_of(CHEAP, sink_a) == 1
+    assert registry.member_at(CHEAP, 0) == sink_a.address
+    assert registry.bonds(CHEAP, sink_a) == (150 * USDC, 0, 0)
+    st = registry.capacity_state(CHEAP, 0)
+    assert (st.s, st.declared, st.cap, st.status) == (0, 120, 150, 1)
+    assert registry.SinkRegistered(task_type=CHEAP, sink=sink_a.address, slot=0, bond=150 * USDC, declared=120) in own_events(tx, registry)
+    assert registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=120, cap=150, nonce=0) in own_events(tx, registry)
+    assert_conserved(proto)
+
+
+def test_register_sink_reverts(registry, sink_a):
+    with ape.reverts("registry: unknown task type"):
+        registry.register_sink(task_type_id("nope"), 150 * USDC, 1, sender=sink_a)
+    with ape.reverts("registry: bond below minimum"):
+        registry.register_sink(CHEAP, 100 * USDC - 1, 1, sender=sink_a)
+    registry.register_sink(CHEAP, 100 * USDC, 1, sender=sink_a)
+    with ape.reverts("registry: already registered"):
+        registry.register_sink(CHEAP, 100 * USDC, 1, sender=sink_a)
+
+
+def test_register_without_allowance_reverts(registry, token, stranger, owner, accounts):
+    newbie = accounts[17]
+    token.mint(newbie, 1000 * USDC, sender=owner)
+    with ape.reverts():
+        registry.register_sink(CHEAP, 100 * USDC, 1, sender=newbie)
+    assert registry.slot_of(CHEAP, newbie) == 0
+
+
+def test_sink_set_is_bounded_at_64(registry, token, owner, accounts):
+    """MAX_SINKS = 64: the 65th registration reverts; after one leaves and the pool releases
+    the slot, a newcomer takes the freed slot."""
+    sinks = []
+    for _ in range(65):
+        a = accounts.generate_test_account()
+        chain.set_balance(a.address, 10**20)
+        token.mint(a, 100 * USDC, sender=owner)
+        token.approve(registry, 100 * USDC, sender=a)
+        sinks.append(a)
+    for a in sinks[:64]:
+        registry.register_sink(CHEAP, 100 * USDC, 10, sender=a)
+    assert registry.slot_count(CHEAP) == 64
+    assert registry.occupied(CHEAP) == 2**64 - 1
+    with ape.reverts("registry: sink set full"):
+        registry.register_sink(CHEAP, 100 * USDC, 10, sender=sinks[64])
+    # a leaving sink still holds its slot until the pool releases it
+    registry.deregister_sink(CHEAP, sender=sinks[5])
+    with ape.reverts("registry: sink set full"):
+        registry.register_sink(CHEAP, 100 * USDC, 10, sender=sinks[64])
+
+
+# ------------------------------------------------------------------ linear cap
+
+
+def test_capacity_is_capped_linearly_by_bond(registry, sink_a, sink_b, clock):
+    registry.register_sink(CHEAP, 300 * USDC, 10**9, sender=sink_a)  # cap = 300
+    st = registry.capacity_state(CHEAP, 0)
+    assert st.cap == 300 and st.declared == 10**9
+    clock.next_epoch(50)
+    assert registry.smoothed_capacity(CHEAP, sink_a) == 300
+    # splitting the same 300 into three identities of 100 gives the same total cap
+    assert sum([100 // 1, 100 // 1, 100 // 1]) == 300
+
+
+def test_declared_capacity_above_max_is_clamped(registry, sink_a):
+    registry.register_sink(CHEAP, 100 * USDC, 2**200, sender=sink_a)
+    assert registry.capacity_state(CHEAP, 0).declared == 2**32 - 1
+
+
+def test_capacities_view_reports_status(registry, sink_a, sink_b, clock):
+    registry.register_sink(CHEAP, 100 * USDC, 50, sender=sink_a)
+    registry.register_sink(CHEAP, 100 * USDC, 50, sender=sink_b)
+    clock.next_epoch()
+    registry.deregister_sink(CHEAP, sender=sink_b)
+    words = registry.capacities(CHEAP)
+    assert len(words) == 2
+    assert words[0] >> 248 == 1 and words[0] & (2**96 - 1) == 15 * WAD
+    assert words[1] == 2 << 248
+
+
+# ------------------------------------------------------------------ EWMA
+
+
+def test_ewma_starts_at_zero_and_steps_once_per_epoch(registry, sink_a, clock):
+    registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_a)
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 0
+    # many declarations inside one epoch: only the last is the target, nothing moves now
+    for c in (150, 10, 100):
+        registry.declare_capacity(CHEAP, c, sender=sink_a)
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 0
+    clock.next_epoch()
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 30 * WAD
+    clock.next_epoch()
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 51 * WAD
+    registry.declare_capacity(CHEAP, 200, sender=sink_a)
+    registry.declare_capacity(CHEAP, 200, sender=sink_a)
+    clock.next_epoch()
+    # 0.3 * 200 + 0.7 * 51 = 95.7
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 957 * WAD // 10
+
+
+def test_ewma_reaches_target_exactly(registry, sink_a, clock):
+    registry.register_sink(CHEAP, 1000 * USDC, 997, sender=sink_a)
+    e = 0
+    while registry.smoothed_capacity_wad(CHEAP, sink_a) != 997 * WAD:
+        clock.next_epoch()
+        e += 1
+        assert e < 200
+    # the integer view reaches the target much earlier (rounded to nearest)
+    assert registry.smoothed_capacity(CHEAP, sink_a) == 997
+    # and downward too
+    registry.declare_capacity(CHEAP, 3, sender=sink_a)
+    clock.next_epoch(300)
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 3 * WAD
+
+
+def test_declare_capacity_reverts_when_not_registered(registry, stranger):
+    with ape.reverts("registry: not registered"):
+        registry.declare_capacity(CHEAP, 5, sender=stranger)
+
+
+def test_declare_capacity_event(registry, sink_a):
+    registry.register_sink(CHEAP, 100 * USDC, 5, sender=sink_a)
+    tx = registry.declare_capacity(CHEAP, 500, sender=sink_a)
+    assert own_events(tx, registry) == [registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=500, cap=100, nonce=0)]
+
+
+# ------------------------------------------------------------------ bonds
+
+
+def test_add_bond_raises_cap(registry, sink_a, proto):
+    registry.register_sink(CHEAP, 100 * USDC, 500, sender=sink_a)
+    tx = registry.add_bond(CHEAP, 50 * USDC, sender=sink_a)
+    assert registry.capacity_state(CHEAP, 0).cap == 150
+    assert registry.bonds(CHEAP, sink_a).bonded == 150 * USDC
+    assert own_events(tx, registry) == [registry.BondAdded(task_type=CHEAP, sink=sink_a.address, amount=50 * USDC, bonded=150 * USDC)]
+    assert_conserved(proto)
+
+
+def test_add_bond_reverts(registry, sink_a, stranger):
+    with ape.reverts("registry: not registered"):
+        registry.add_bond(CHEAP, 1, sender=stranger)
+    registry.register_sink(CHEAP, 100 * USDC, 5, sender=sink_a)
+    with ape.reverts("registry: zero amount"):
+        registry.add_bond(CHEAP, 0, sender=sink_a)
+
+
+def test_request_unbond_drops_cap_at_once(registry, sink_a, clock):
+    registry.register_sink(CHEAP, 300 * USDC, 300, sender=sink_a)
+    clock.next_epoch(60)
+    assert registry.smoothed_capacity(CHEAP, sink_a) == 300
+    tx = registry.request_unbond(CHEAP, 150 * USDC, sender=sink_a)
+    release = chain.blocks.head.timestamp + 7 * 86400
+    # the cap and the smoothed signal drop in the same transaction
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 150 * WAD
+    assert registry.bonds(CHEAP, sink_a) == (150 * USDC, 150 * USDC, release)
+    assert own_events(tx, registry) == [registry.UnbondRequested(task_type=CHEAP, sink=sink_a.address, amount=150 * USDC,
+                                                  unbonding=150 * USDC, release=release)]
+
+
+def test_request_unbond_reverts(registry, sink_a, stranger):
+    with ape.reverts("registry: not registered"):
+        registry.request_unbond(CHEAP, 1, sender=stranger)
+    registry.register_sink(CHEAP, 150 * USDC, 5, sender=sink_a)
+    with ape.reverts("registry: zero amount"):
+        registry.request_unbond(CHEAP, 0, sender=sink_a)
+    with ape.reverts("registry: amount exceeds bond"):
+        registry.request_unbond(CHEAP, 150 * USDC + 1, sender=sink_a)
+    with ape.reverts("registry: bond below minimum"):
+        registry.request_unbond(CHEAP, 51 * USDC, sender=sink_a)
+
+
+def test_withdraw_unbonded_after_period(registry, token, sink_a, clock, proto):
+    registry.register_sink(CHEAP, 150 * USDC, 5, sender=sink_a)
+    with ape.reverts("registry: nothing unbonding"):
+        registry.withdraw_unbonded(CHEAP, sender=sink_a)
+    registry.request_unbond(CHEAP, 50 * USDC, sender=sink_a)
+    with ape.reverts("registry: still unbonding"):
+        registry.withdraw_unbonded(CHEAP, sender=sink_a)
+    clock.sleep(7 * 86400)
+    before = token.balanceOf(sink_a)
+    tx = registry.withdraw_unbonded(CHEAP, sender=sink_a)
+    assert token.balanceOf(sink_a) == before + 50 * USDC
+    assert own_events(tx, registry) == [registry.UnbondWithdrawn(task_type=CHEAP, sink=sink_a.address, amount=50 * USDC)]
+    assert_conserved(proto)
+
+
+def test_deregister_zeroes_capacity_and_unbonds_everything(registry, sink_a, clock):
+    registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_a)
+    clock.next_epoch(5)
+    assert registry.smoothed_capacity(CHEAP, sink_a) > 0
+    tx = registry.deregister_sink(CHEAP, sender=sink_a)
+    release = chain.blocks.head.timestamp + 7 * 86400
+    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 0
+    assert registry.slot_of(CHEAP, sink_a) == 0
+    assert registry.member_at(CHEAP, 0) == sink_a.address  # until the pool releases the slot
+    assert registry.capacity_state(CHEAP, 0).status == 2
+    assert registry.bonds(CHEAP, sink_a) == (0, 200 * USDC, release)
+    assert own_events(tx, registry) == [registry.SinkDeregistered(task_type=CHEAP, sink=sink_a.address, slot=0,
+                                                   unbonding=200 * USDC, release=release)]
+    with ape.reverts("registry: not registered"):
+        registry.deregister_sink(CHEAP, sender=sink_a)
+    # it may come back at once, into another slot, with a fresh bond
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    assert registry.slot_of(CHEAP, sink_a) == 2
+    assert registry.bonds(CHEAP, sink_a).unbonding == 200 * USDC
+
+
+def test_release_slot_only_pool(registry, sink_a, stranger):
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    with ape.reverts("registry: caller is not the pool"):
+        registry.release_slot(CHEAP, 0, sender=stranger)
+
+
+def test_release_slot_requires_leaving(registry, pool, sink_a):
+    """Even the pool cannot release a slot whose sink has not left."""
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    pool_as_sender = ape.accounts[pool.address]  # anvil impersonation
+    chain.set_balance(pool.address, 10**18)
+    with ape.reverts("registry: slot not leaving"):
+        registry.release_slot(CHEAP, 0, sender=pool_as_sender)
+
+
+def test_slash_only_tracker(registry, sink_a, stranger, owner):
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    for who in (stranger, owner, sink_a):
+        with ape.reverts("registry: caller is not the tracker"):
+            registry.slash(CHEAP, sink_a, 1, sender=who)
