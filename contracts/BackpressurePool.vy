@@ -8,10 +8,11 @@
         Superfluid). Funders prepay streams (rate in tokens/second, topped up, closed
         with a refund of what has not streamed) or distribute instantly. Once per epoch a
         permissionless `rebalance` splits what came in among the sinks by units, updates
-        each sink's virtual backlog (paid but not verified by receipts), and sets the next
-        epoch's units from the backpressure weight
-            w_k = max(0, Cbar_k - Q_k / (H * fee))        (tasks per epoch)
-        i.e. Cbar_k * max(0, 1 - b_k / H) with b_k = Q_k / (Cbar_k * fee) epochs of backlog.
+        each sink's virtual backlog (work paid for but not verified by receipts, in tasks),
+        and sets the next epoch's units from the backpressure weight
+            w_k = max(0, Cbar_k - Q_k / H)        (tasks per epoch)
+        i.e. Cbar_k * max(0, 1 - b_k / H) with b_k = Q_k / Cbar_k epochs of backlog
+        (modules/backpressure.vy).
         Money the sinks cannot absorb (sum of w_k * fee per epoch) goes to the EscrowBuffer,
         credited to the funder it came from; what the escrow cannot take stays unstreamed
         in the funder's stream (back-pressure). Members claim (pull) their balance.
@@ -64,7 +65,8 @@ UNIT_DIV: constant(uint256) = 10**9
 # Packed per-slot word (the one pool slot a rebalance touches per sink):
 #   bits   0..61  units of the current epoch
 #   bit       63  slash mark present (see _slash_mark)
-#   bits  64..159 x + BIAS, x = backlog at the last rebalance minus verified credit since
+#   bits  64..159 x + BIAS, x = backlog at the last rebalance minus verified credit since,
+#                 in tasks * 1e9 (money converted at the fee when paid / credited)
 #   bits 160..255 unclaimed balance
 MASK62: constant(uint256) = 2**62 - 1
 MASK96: constant(uint256) = 2**96 - 1
@@ -324,10 +326,12 @@ def credit(
         assert credited <= c & (2**128 - 1), "pool: credit exceeds funding"
         self._credit[task_type][src] = (c & (2**128 - 1)) | (credited << 128)
     total: uint256 = 0
+    fee: uint256 = staticcall PRICING.base_fee(task_type)
     for k: uint256 in range(MAX_SINKS):
         if k == len(slots):
             break
-        amount: uint256 = slot_amounts[k]
+        total += slot_amounts[k]
+        amount: uint256 = backpressure._to_tasks(slot_amounts[k], fee)
         word: uint256 = self._hot[task_type][slots[k]]
         xb: uint256 = (word >> 64) & MASK96
         # x saturates at -(BIAS - 1): credit beyond any backlog is dropped at the next
@@ -337,7 +341,6 @@ def credit(
         else:
             xb = 1
         self._hot[task_type][slots[k]] = (word & ~(MASK96 << 64)) | (xb << 64)
-        total += amount
     log Credited(task_type=task_type, total=total)
 
 
@@ -433,12 +436,12 @@ def rebalance(task_type: bytes32) -> uint256:
             token_io._push(ESCROW.address, moved)
             extcall ESCROW.credit_overflow(task_type, e_funders, e_amounts)
 
-    # 4. split, backlog, slashing, next units
+    # 4. split, backlog (tasks), slashing, next units
     hh: uint256 = self.tolerance_bps
     thr_bps: uint256 = staticcall ICompletionTracker(self.tracker).slash_threshold_bps()
     paid: DynArray[uint256, MAX_SINKS] = []
     qraw: DynArray[uint256, MAX_SINKS] = []
-    value: DynArray[uint256, MAX_SINKS] = []
+    capacity: DynArray[uint256, MAX_SINKS] = []
     b_min: uint256 = max_value(uint256)
     distributed: uint256 = 0
     for i: uint256 in range(MAX_SINKS):
@@ -447,22 +450,23 @@ def rebalance(task_type: bytes32) -> uint256:
         w: uint256 = words[i]
         status: uint256 = caps[i] >> 248
         p_i: uint256 = 0
-        if status == STATUS_ACTIVE and u_eff > 0:
-            p_i = to_sinks * (w & MASK62) // u_eff
-            distributed += p_i
-        # Q before clamping = max(0, x + paid)
+        # capacity in tasks * 1e9: the smoothed signal, or for a leaving sink its last weight
+        c_i: uint256 = w & MASK62
+        if status == STATUS_ACTIVE:
+            c_i = (caps[i] & MASK96) // UNIT_DIV
+            if u_eff > 0:
+                p_i = to_sinks * (w & MASK62) // u_eff
+                distributed += p_i
+        # Q before capping = max(0, x + paid), in tasks
         q: uint256 = 0
-        xb: uint256 = ((w >> 64) & MASK96) + p_i
+        xb: uint256 = ((w >> 64) & MASK96) + backpressure._to_tasks(p_i, fee)
         if xb > BIAS:
             q = unsafe_sub(xb, BIAS)
-        # money value of one epoch at the sink's capacity (or, for a leaving sink, at its
-        # last weight), the unit in which backlog is measured
-        e_i: uint256 = backpressure._epoch_value(max(caps[i] & MASK96, (w & MASK62) * UNIT_DIV), fee)
         paid.append(p_i)
         qraw.append(q)
-        value.append(e_i)
-        if status == STATUS_ACTIVE and p_i > 0 and e_i > 0:
-            b_min = min(b_min, q * WAD // e_i)
+        capacity.append(c_i)
+        if status == STATUS_ACTIVE and p_i > 0 and c_i > 0:
+            b_min = min(b_min, q * WAD // c_i)
     if b_min == max_value(uint256):
         b_min = 0
     ps.pending -= distributed
@@ -476,19 +480,19 @@ def rebalance(task_type: bytes32) -> uint256:
         if status != STATUS_ACTIVE and status != STATUS_LEAVING:
             continue
         q: uint256 = qraw[i]
-        e_i: uint256 = value[i]
+        c_i: uint256 = capacity[i]
         mark_flag: uint256 = w & MARK_BIT
         # relative slashing: only backlog beyond the absolute threshold AND beyond what the
         # best paid sink shows (a source-wide outage backlogs everyone equally) counts, and
         # each unit of shortfall is slashed at most once (the mark)
-        base: uint256 = max(e_i * thr_bps // BPS, b_min * e_i // WAD)
+        base: uint256 = max(c_i * thr_bps // BPS, b_min * c_i // WAD)
         judged: bool = (paid[i] > 0 or status == STATUS_LEAVING) and q > base
         if judged or mark_flag != 0:
             mark: uint256 = 0
             if mark_flag != 0:
                 mark = self._slash_mark[task_type][i]
             if judged and q > mark:
-                excess: uint256 = q - max(base, mark)
+                excess: uint256 = backpressure._to_money(q - max(base, mark), fee)
                 sink: address = staticcall REGISTRY.member_at(task_type, i)
                 extcall ICompletionTracker(self.tracker).report_shortfall(task_type, sink, excess)
                 mark = q
@@ -503,8 +507,8 @@ def rebalance(task_type: bytes32) -> uint256:
             self._settle_leaving(task_type, i, unclaimed)
             words[i] = 0
             continue
-        q = min(min(q, backpressure._backlog_cap(e_i, hh)), BIAS - 1)
-        units: uint256 = backpressure._units(caps[i] & MASK96, q, fee, hh)
+        q = min(q, backpressure._backlog_cap(c_i, hh))
+        units: uint256 = backpressure._units(c_i, q, hh)
         new_total += units
         assert unclaimed <= MASK96, "pool: balance overflow"
         word: uint256 = units | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
@@ -596,8 +600,9 @@ def claim(task_type: bytes32) -> uint256:
 @view
 def position(task_type: bytes32, sink: address) -> Position:
     """
-    @notice A sink's slot (index + 1, 0 if not registered), units, backlog (the last
-            rebalance's backlog minus verified credit since), unclaimed and owed balances.
+    @notice A sink's slot (index + 1, 0 if not registered), units, backlog (tasks * 1e9:
+            the last rebalance's backlog minus verified credit since), unclaimed and owed
+            balances (money).
     """
     out: Position = empty(Position)
     out.owed = self.owed[task_type][sink]
@@ -617,8 +622,9 @@ def position(task_type: bytes32, sink: address) -> Position:
 @view
 def backlog_of(task_type: bytes32, sink: address) -> (uint256, uint256):
     """
-    @notice (backlog, value of one full-capacity epoch at the last fee), both in money;
-            their ratio is the backlog in epochs used by the PricingCurve.
+    @notice (backlog, smoothed capacity), both in tasks * 1e9: their ratio is the backlog
+            in epochs, used by the PricingCurve. The backlog is the last rebalance's minus
+            verified credit since.
     """
     sp1: uint256 = staticcall REGISTRY.slot_of(task_type, sink)
     if sp1 == 0:
@@ -628,8 +634,7 @@ def backlog_of(task_type: bytes32, sink: address) -> (uint256, uint256):
     q: uint256 = 0
     if xb > BIAS:
         q = xb - BIAS
-    s: uint256 = staticcall REGISTRY.smoothed_capacity_wad(task_type, sink)
-    return q, backpressure._epoch_value(s, self.pools[task_type].fee)
+    return q, staticcall REGISTRY.smoothed_capacity_wad(task_type, sink) // UNIT_DIV
 
 
 @external

@@ -2,46 +2,57 @@
 """
 @title Backpressure weight
 @custom:contract-name backpressure
-@notice For sink k, per epoch:
-            Q_k <- min(max(0, Q_k + paid_k - verified_k), H * E_k)
-            E_k  = Cbar_k * fee                        (money per epoch at full capacity)
-            w_k  = Cbar_k * max(0, 1 - (Q_k / E_k) / H) = max(0, Cbar_k - Q_k / (H * fee))
-        Units are w_k in tasks per epoch scaled by 1e9. A sink that is not paid gains no
-        backlog (never penalised while idle); backlog beyond H epochs carries no more
-        information (the weight is already 0), so it is capped there and handled by slashing.
+@notice For sink k, per epoch, with every quantity in TASKS (scaled by 1e9, the unit of
+        pool units):
+            Q_k <- min(max(0, Q_k + paid_k / fee - verified_k / fee'), H * Cbar_k)
+            w_k  = Cbar_k * max(0, 1 - (Q_k / Cbar_k) / H) = max(0, Cbar_k - Q_k / H)
+        Money is converted to tasks at the fee in force when it is paid (fee) or credited
+        (fee'). Measuring the backlog in tasks, not money, matters: a dead sink makes
+        capacity scarce, scarcity raises the fee, and a money backlog would shrink in
+        epochs as the fee rises, handing the dead sink its share back.
+        A sink that is not paid gains no backlog (never penalised while idle); backlog beyond
+        H epochs carries no more information (the weight is already 0), so it is capped
+        there and handled by slashing.
 """
 
-WAD: constant(uint256) = 10**18
 BPS: constant(uint256) = 10_000
-UNIT_DIV: constant(uint256) = 10**9
+TASK_SCALE: constant(uint256) = 10**9
 
 
 @internal
 @pure
-def _epoch_value(s_wad: uint256, fee: uint256) -> uint256:
+def _to_tasks(amount: uint256, fee: uint256) -> uint256:
     """
-    @dev E_k: money one epoch at capacity `s_wad` is worth at `fee` per task (rounded down).
+    @dev Money -> tasks * 1e9 at `fee` money per task, rounded down.
     """
-    return s_wad * fee // WAD
+    return amount * TASK_SCALE // fee
 
 
 @internal
 @pure
-def _backlog_cap(epoch_value: uint256, tolerance_bps: uint256) -> uint256:
+def _to_money(tasks: uint256, fee: uint256) -> uint256:
     """
-    @dev H * E_k, rounded down.
+    @dev Tasks * 1e9 -> money at `fee` money per task, rounded down.
     """
-    return epoch_value * tolerance_bps // BPS
+    return tasks * fee // TASK_SCALE
 
 
 @internal
 @pure
-def _units(s_wad: uint256, backlog: uint256, fee: uint256, tolerance_bps: uint256) -> uint256:
+def _backlog_cap(capacity: uint256, tolerance_bps: uint256) -> uint256:
     """
-    @dev w_k * 1e9 = (Cbar_k - Q_k / (H * fee)) in WAD, divided by 1e9, rounded down.
-         The penalty is rounded down too (in the sink's favour by < 1e-18 task).
+    @dev H * Cbar_k (tasks * 1e9), rounded down.
     """
-    penalty: uint256 = backlog * WAD * BPS // (fee * tolerance_bps)
-    if s_wad <= penalty:
+    return capacity * tolerance_bps // BPS
+
+
+@internal
+@pure
+def _units(capacity: uint256, backlog: uint256, tolerance_bps: uint256) -> uint256:
+    """
+    @dev w_k = Cbar_k - Q_k / H (tasks * 1e9), floored at 0; the penalty rounds down.
+    """
+    penalty: uint256 = backlog * BPS // tolerance_bps
+    if capacity <= penalty:
         return 0
-    return unsafe_sub(s_wad, penalty) // UNIT_DIV  # s_wad > penalty
+    return unsafe_sub(capacity, penalty)  # capacity > penalty

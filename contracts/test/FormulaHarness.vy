@@ -27,14 +27,20 @@ def ewma_advance(s_wad: uint256, target_wad: uint256, epochs: uint256, decay_wad
 
 @external
 @pure
-def units(s_wad: uint256, backlog: uint256, fee: uint256, tolerance_bps: uint256) -> uint256:
-    return backpressure._units(s_wad, backlog, fee, tolerance_bps)
+def units(capacity: uint256, backlog: uint256, tolerance_bps: uint256) -> uint256:
+    return backpressure._units(capacity, backlog, tolerance_bps)
 
 
 @external
 @pure
-def epoch_value(s_wad: uint256, fee: uint256) -> uint256:
-    return backpressure._epoch_value(s_wad, fee)
+def backlog_cap(capacity: uint256, tolerance_bps: uint256) -> uint256:
+    return backpressure._backlog_cap(capacity, tolerance_bps)
+
+
+@external
+@pure
+def to_tasks(amount: uint256, fee: uint256) -> uint256:
+    return backpressure._to_tasks(amount, fee)
 
 
 @external

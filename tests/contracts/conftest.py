@@ -277,3 +277,40 @@ def assert_conserved(proto, task_types=(CHEAP, PREMIUM)):
 def own_events(tx, contract):
     """The events a transaction emitted from `contract` (token Transfers etc. filtered out)."""
     return [log for log in tx.events if log.contract_address == contract.address]
+
+
+def warm_market(proto, sinks, capacities, clock, keeper, *, task=CHEAP, bond_per_unit=USDC, epochs=40):
+    """Registers sinks (bond = capacity * stake_per_unit, at least the min bond), lets their
+    smoothed capacity converge, and runs one rebalance so units are set."""
+    reg = proto.registry
+    min_bond, spu = reg.task_types(task)
+    for s, c in zip(sinks, capacities):
+        reg.register_sink(task, max(c * spu, min_bond), c, sender=s)
+    clock.next_epoch(epochs)
+    proto.pool.rebalance(task, sender=keeper)  # sets units
+    clock.next_epoch()
+    proto.pool.rebalance(task, sender=keeper)  # a period with units: spare capacity is known
+
+
+def absorbable(proto, task, units_total):
+    """Money the sinks absorb next period: units * current fee / 1e9."""
+    return units_total * proto.pricing.base_fee(task) // 10**9
+
+
+def split(amount, units):
+    """The pool's exact split: floor(amount * u / U) each, remainder stays in the pot."""
+    total = sum(units)
+    paid = [amount * u // total for u in units] if total else [0] * len(units)
+    return paid, amount - sum(paid)
+
+
+def hot(pool, task, slot):
+    """Decodes the pool's packed per-slot word."""
+    w = pool.hot_word(task, slot)
+    return {
+        "units": w & (2**62 - 1),
+        "mark": (w >> 63) & 1,
+        "backlog": max(0, ((w >> 64) & (2**96 - 1)) - 2**95),
+        "x": ((w >> 64) & (2**96 - 1)) - 2**95,
+        "unclaimed": w >> 160,
+    }
