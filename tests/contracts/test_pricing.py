@@ -169,4 +169,5 @@ def test_congestion_multiplier_is_capped(proto, pricing, pool, sink_a, funder, c
     assert 10_000 * q // c < 30_000  # under the default slope the cap does not bind...
     pricing.set_params(8_000, 1_250, 100_000, 30_000, 8_000, sender=owner)
     assert 100_000 * q // c > 30_000  # ...under a steep one it does
-    assert pricing.price(CHEAP, sink_a) == pricing.base_fee(CHEAP) * 4
+    pressure = proto.escrow.pressure_wad(CHEAP)  # the overflow sits in escrow
+    assert pricing.price(CHEAP, sink_a) == pricing.base_fee(CHEAP) * 4 * (WAD + 8_000 * pressure // 10_000) // WAD
