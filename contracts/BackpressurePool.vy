@@ -482,10 +482,10 @@ def rebalance(task_type: bytes32) -> uint256:
         q: uint256 = qraw[i]
         c_i: uint256 = capacity[i]
         mark_flag: uint256 = w & MARK_BIT
-        # relative slashing: only backlog beyond the absolute threshold AND beyond what the
-        # best paid sink shows (a source-wide outage backlogs everyone equally) counts, and
-        # each unit of shortfall is slashed at most once (the mark)
-        base: uint256 = max(c_i * thr_bps // BPS, b_min * c_i // WAD)
+        # relative slashing: only backlog more than `thr` epochs beyond the best paid
+        # sink's counts (a source-wide outage backlogs everyone alike and slashes nobody),
+        # and each unit of shortfall is slashed at most once (the mark)
+        base: uint256 = b_min * c_i // WAD + c_i * thr_bps // BPS
         judged: bool = (paid[i] > 0 or status == STATUS_LEAVING) and q > base
         if judged or mark_flag != 0:
             mark: uint256 = 0
