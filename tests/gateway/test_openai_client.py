@@ -290,3 +290,37 @@ def test_error_bodies_are_json_objects(stack, api_key) -> None:
     )
     assert json.loads(response.text)["error"]["code"] == "model_not_found"
     assert response.headers["x-pura-request-id"].startswith("req_")
+
+
+def test_one_structured_log_line_per_request(stack, client: openai.OpenAI) -> None:
+    import io
+    import time as _time
+
+    from gateway.logs import RequestLog
+
+    sink = io.StringIO()
+    pipeline = stack.services.pipeline
+    original, was_logging = pipeline.request_log, pipeline.log_requests
+    pipeline.request_log, pipeline.log_requests = RequestLog(stream=sink), True
+    try:
+        ok = client.chat.completions.with_raw_response.create(model="stand-in-small", messages=USER)
+        for name in ("cheap-a", "cheap-b"):
+            stack.providers[name].configure(failure_rate=1.0)
+        with pytest.raises(openai.InternalServerError):
+            client.chat.completions.create(model="stand-in-small", messages=USER)
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=stack.base_url, api_key="nope", max_retries=0).chat.completions.create(
+                model="auto", messages=USER
+            )
+        deadline = _time.monotonic() + 5
+        while sink.getvalue().count("\n") < 3 and _time.monotonic() < deadline:
+            _time.sleep(0.02)
+    finally:
+        pipeline.request_log, pipeline.log_requests = original, was_logging
+    lines = [json.loads(line) for line in sink.getvalue().splitlines()]
+    assert [line["status"] for line in lines] == [200, 502, 401]
+    first = lines[0]
+    assert first["request_id"] == ok.headers["x-pura-request-id"]
+    assert first["provider"] in ("cheap-a", "cheap-b") and first["tier"] == "cheap"
+    assert first["cost_micros"] > 0 and "latency_ms" in first and first["logger"] == "pura.request"
+    assert lines[1]["error"] == "upstream_failed" and lines[1]["attempts"] == 2

@@ -167,3 +167,26 @@ def test_gateway_end_to_end_on_postgresql(postgres_url: str) -> None:
         report = httpx.get(stack.gateway.url + "/api/report",
                            headers={"Authorization": f"Bearer {stack.api_key}"}).json()
         assert report["requests"] >= 1 and report["spend"]["micros"] > 0
+
+
+def test_grouped_scripts_share_a_commit_but_fail_alone(tmp_path: Path) -> None:
+    from gateway.accounting.db import SqliteDatabase
+
+    db = open_database(f"sqlite:///{tmp_path / 'group.db'}")
+    assert isinstance(db, SqliteDatabase)
+    db.run_sync(lambda tx: tx.execute("CREATE TABLE t (v INTEGER PRIMARY KEY)"))
+
+    def insert(v: int):
+        return lambda tx: tx.execute("INSERT INTO t (v) VALUES (?)", (v,))
+
+    async def burst() -> list:
+        return await asyncio.gather(
+            db.run_grouped(insert(1)), db.run_grouped(insert(1)), db.run_grouped(insert(2)),
+            return_exceptions=True,
+        )
+
+    first, duplicate, second = asyncio.run(burst())
+    assert first == 1 and second == 1
+    assert isinstance(duplicate, Exception)  # the duplicate key failed alone
+    assert db.run_sync(lambda tx: tx.all("SELECT v FROM t ORDER BY v")) == [(1,), (2,)]
+    db.close_sync()

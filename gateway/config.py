@@ -1,0 +1,206 @@
+"""Configuration: process settings (``PURA_*`` environment) and the routing/upstream file.
+
+Two layers, on purpose:
+
+* :class:`GatewaySettings` - how this process runs (listen address, database URL, log level,
+  path of the routing file). pydantic-settings, ``PURA_`` prefix.
+* :class:`RoutingConfig` - what the gateway routes to (upstreams, models, prices, tiers, weights,
+  complexity rules, cascade policy). A TOML file, because it is data that operators review and
+  version; every field has a default so an empty file is valid.
+
+Money in this file is written as decimal strings in USD (``"0.15"`` per million tokens) and
+converted once, at load time, to integer micro-USD (see :mod:`gateway.accounting.money`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from decimal import Decimal
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Tier = Literal["cheap", "mid", "premium"]
+TIERS: tuple[Tier, ...] = ("cheap", "mid", "premium")
+
+
+class GatewaySettings(BaseSettings):
+    """Process settings, read from ``PURA_*`` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="PURA_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8600
+    config: Path | None = Field(default=None, description="routing/upstream TOML file")
+    database_url: str = "sqlite:///.pura/gateway.db"
+    log_level: str = "INFO"
+    log_requests: bool = True
+    cors_origins: list[str] = ["*"]
+    routing_seed: int | None = Field(
+        default=None, description="seed for exploration/weighted choice (tests, replays)"
+    )
+    reservation_ttl_s: int = Field(
+        default=900, description="reservations older than this are released by the sweeper"
+    )
+    sweep_interval_s: float = 60.0
+    settle_delay_ms: float = Field(
+        default=5.0, ge=0, description="group-commit window of settlements (see accounting.settlement)"
+    )
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+
+class ModelConfig(BaseModel):
+    """One model an upstream serves, with its tier and price."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="model id clients see and pin")
+    upstream_id: str | None = Field(default=None, description="id sent upstream (default: id)")
+    tier: Tier
+    input_usd_per_mtok: Decimal = Decimal("0")
+    output_usd_per_mtok: Decimal = Decimal("0")
+
+    @field_validator("input_usd_per_mtok", "output_usd_per_mtok")
+    @classmethod
+    def _non_negative(cls, v: Decimal) -> Decimal:
+        if v < 0:
+            raise ValueError("prices must be >= 0")
+        return v
+
+    @property
+    def send_as(self) -> str:
+        return self.upstream_id or self.id
+
+
+class ProviderConfig(BaseModel):
+    """An OpenAI-compatible upstream: URL, key, models, timeouts and routing weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    base_url: str = Field(description="OpenAI-compatible base URL, ending before /chat/completions")
+    api_key: str | None = Field(default=None, description="literal key (prefer api_key_env)")
+    api_key_env: str | None = Field(default=None, description="environment variable holding the key")
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+    weight: float = Field(default=1.0, ge=0, description="configured weight (until on-chain weights)")
+    models: list[ModelConfig] = Field(min_length=1)
+    stream_usage: bool = Field(
+        default=True, description="ask for usage in streams (stream_options.include_usage)"
+    )
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+    first_byte_timeout_s: float = Field(default=30.0, gt=0)
+    total_timeout_s: float = Field(default=300.0, gt=0)
+    stream_idle_timeout_s: float = Field(default=60.0, gt=0)
+    local_stand_in: bool = Field(
+        default=False, description="true for Pura's local stand-in provider servers"
+    )
+
+    def resolved_api_key(self) -> str | None:
+        if self.api_key_env:
+            return os.environ.get(self.api_key_env) or self.api_key
+        return self.api_key
+
+
+class ComplexityRules(BaseModel):
+    """Features and thresholds of the complexity tiering (all data; see routing.complexity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    premium_system_chars: int = 500
+    premium_total_chars: int = 6000
+    premium_turns: int = 10
+    cheap_max_chars: int = 200
+    cheap_max_turns: int = 3
+    code_is_mid: bool = True
+    reasoning_cues: list[str] = Field(
+        default_factory=lambda: [
+            "step by step",
+            "think through",
+            "analyze",
+            "analyse",
+            "compare and contrast",
+            "explain why",
+            "prove that",
+            "derive",
+            "what are the tradeoffs",
+            "what are the trade-offs",
+            "debug this",
+            "review this code",
+        ]
+    )
+
+
+class CascadePolicy(BaseModel):
+    """Answer scoring weights and escalation limits of the cascade."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled_for_auto: bool = True
+    accept_threshold: float = Field(default=0.7, ge=0, le=1)
+    max_escalations: int = Field(default=3, ge=0, le=3)
+    w_refusal: float = 0.30
+    w_completeness: float = 0.30
+    w_hedging: float = 0.25
+    w_length: float = 0.15
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> CascadePolicy:
+        total = self.w_refusal + self.w_completeness + self.w_hedging + self.w_length
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"cascade weights must sum to 1 (got {total})")
+        return self
+
+
+class SelectionPolicy(BaseModel):
+    """Provider choice within a tier."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exploration_rate: float = Field(default=0.05, ge=0, le=0.5)
+    degraded_error_rate: float = Field(default=0.20, ge=0, le=1)
+    degraded_latency_ms: float = Field(default=5000, gt=0)
+    window_s: int = Field(default=300, ge=10, description="sliding window of the quality score")
+    min_samples: int = Field(default=5, ge=1, description="samples before degradation counts")
+    max_attempts: int = Field(default=3, ge=1, le=10, description="upstreams tried per answer")
+
+
+class AccountingPolicy(BaseModel):
+    """Defaults for new keys and for reservations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_daily_budget_usd: Decimal = Decimal("10")
+    default_rate_limit_per_min: int = Field(default=30, ge=1)
+    default_max_completion_tokens: int = Field(
+        default=1024, ge=1, description="reservation bound when the request sets no max_tokens"
+    )
+    premium_reference_model: str | None = Field(
+        default=None, description="model priced for 'savings vs premium' (default: priciest premium)"
+    )
+
+
+class RoutingConfig(BaseModel):
+    """The routing file: upstreams and every routing/accounting policy knob."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    providers: list[ProviderConfig] = Field(default_factory=list)
+    complexity: ComplexityRules = Field(default_factory=ComplexityRules)
+    cascade: CascadePolicy = Field(default_factory=CascadePolicy)
+    selection: SelectionPolicy = Field(default_factory=SelectionPolicy)
+    accounting: AccountingPolicy = Field(default_factory=AccountingPolicy)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RoutingConfig:
+        names = [p.name for p in self.providers]
+        if len(names) != len(set(names)):
+            raise ValueError("provider names must be unique")
+        return self
+
+    @classmethod
+    def load(cls, path: Path | str) -> RoutingConfig:
+        with open(path, "rb") as fh:
+            return cls.model_validate(tomllib.load(fh))

@@ -1,0 +1,1 @@
+"""Routing: complexity tier, provider selection, quality windows, weights and the cascade."""

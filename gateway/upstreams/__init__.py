@@ -1,0 +1,1 @@
+"""Upstreams: the OpenAI-compatible client Pura calls, and Pura's local stand-in provider."""

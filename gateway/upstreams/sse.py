@@ -1,0 +1,52 @@
+"""Server-sent events: an incremental parser and the encoder.
+
+The parser keeps a buffer across network chunks, so an event split over two reads is joined
+before it is decoded (the seed split each chunk on newlines and silently dropped tokens).
+"""
+
+from __future__ import annotations
+
+
+class SSEParser:
+    """Feed bytes, get the ``data`` payload of every complete event (comments ignored)."""
+
+    __slots__ = ("_buffer", "_data")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        self._buffer += chunk
+        if b"\r" in self._buffer:
+            self._buffer = self._buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        events: list[bytes] = []
+        while True:
+            newline = self._buffer.find(b"\n")
+            if newline < 0:
+                break
+            line = self._buffer[:newline]
+            self._buffer = self._buffer[newline + 1 :]
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+                continue
+            if line.startswith(b":"):
+                continue
+            field, _, value = line.partition(b":")
+            if field == b"data":
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+        return events
+
+    @property
+    def pending(self) -> bool:
+        """True when a partial event is buffered (the stream ended mid-event)."""
+        return bool(self._buffer.strip() or self._data)
+
+
+def encode_event(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"
+
+
+DONE = b"[DONE]"
