@@ -93,6 +93,13 @@ struct PoolState:
     spare: uint256
     fee: uint256
 
+struct Suspect:
+    slot: uint256
+    backlog: uint256
+    capacity: uint256
+    mark: uint256
+    sink: address
+
 struct Position:
     slot: uint256
     units: uint256
@@ -385,22 +392,18 @@ def rebalance(task_type: bytes32) -> uint256:
         inflow += st.contrib
         sts.append(st)
 
-    # 2. what the sinks can absorb this period, at the fee of the period
+    # 2. what the sinks can absorb this period, at the fee of the period. The units in
+    #    force are the last rebalance's total minus those of sinks that left since.
     caps: DynArray[uint256, MAX_SINKS] = staticcall REGISTRY.capacities(task_type)
     fee: uint256 = staticcall PRICING.base_fee(task_type)
     level_before: uint256 = staticcall ESCROW.level(task_type)
     n: uint256 = len(caps)
-    words: DynArray[uint256, MAX_SINKS] = []
-    u_eff: uint256 = 0
-    full_wad: uint256 = 0
+    u_eff: uint256 = ps.total_units
     for i: uint256 in range(MAX_SINKS):
         if i == n:
             break
-        w: uint256 = self._hot[task_type][i]
-        words.append(w)
-        if caps[i] >> 248 == STATUS_ACTIVE:
-            u_eff += w & MASK62
-            full_wad += caps[i] & MASK96
+        if caps[i] >> 248 == STATUS_LEAVING:
+            u_eff -= self._hot[task_type][i] & MASK62
     absorbable: uint256 = u_eff * fee * n_epochs // UNIT_DIV
     to_sinks: uint256 = 0
     if u_eff > 0:
@@ -436,84 +439,85 @@ def rebalance(task_type: bytes32) -> uint256:
             token_io._push(ESCROW.address, moved)
             extcall ESCROW.credit_overflow(task_type, e_funders, e_amounts)
 
-    # 4. split, backlog (tasks), slashing, next units
+    # 4. one pass: split, backlog (tasks), next units; slashing candidates judged after
     hh: uint256 = self.tolerance_bps
     thr_bps: uint256 = staticcall ICompletionTracker(self.tracker).slash_threshold_bps()
-    paid: DynArray[uint256, MAX_SINKS] = []
-    qraw: DynArray[uint256, MAX_SINKS] = []
-    capacity: DynArray[uint256, MAX_SINKS] = []
+    words: DynArray[uint256, MAX_SINKS] = []
+    suspects: DynArray[Suspect, MAX_SINKS] = []
     b_min: uint256 = max_value(uint256)
     distributed: uint256 = 0
+    new_total: uint256 = 0
     for i: uint256 in range(MAX_SINKS):
         if i == n:
             break
-        w: uint256 = words[i]
         status: uint256 = caps[i] >> 248
-        p_i: uint256 = 0
+        if status != STATUS_ACTIVE and status != STATUS_LEAVING:
+            words.append(0)
+            continue
+        w: uint256 = self._hot[task_type][i]
         # capacity in tasks * 1e9: the smoothed signal, or for a leaving sink its last weight
         c_i: uint256 = w & MASK62
+        p_i: uint256 = 0
         if status == STATUS_ACTIVE:
             c_i = (caps[i] & MASK96) // UNIT_DIV
             if u_eff > 0:
                 p_i = to_sinks * (w & MASK62) // u_eff
                 distributed += p_i
-        # Q before capping = max(0, x + paid), in tasks
+        # Q = max(0, x + paid), in tasks at the period's fee
         q: uint256 = 0
         xb: uint256 = ((w >> 64) & MASK96) + backpressure._to_tasks(p_i, fee)
         if xb > BIAS:
             q = unsafe_sub(xb, BIAS)
-        paid.append(p_i)
-        qraw.append(q)
-        capacity.append(c_i)
         if status == STATUS_ACTIVE and p_i > 0 and c_i > 0:
             b_min = min(b_min, q * WAD // c_i)
-    if b_min == max_value(uint256):
-        b_min = 0
-    ps.pending -= distributed
-
-    new_total: uint256 = 0
-    for i: uint256 in range(MAX_SINKS):
-        if i == n:
-            break
-        w: uint256 = words[i]
-        status: uint256 = caps[i] >> 248
-        if status != STATUS_ACTIVE and status != STATUS_LEAVING:
-            continue
-        q: uint256 = qraw[i]
-        c_i: uint256 = capacity[i]
+        # the slash mark follows the backlog down, so a later rise is new shortfall
+        mark: uint256 = 0
         mark_flag: uint256 = w & MARK_BIT
-        # relative slashing: only backlog more than `thr` epochs beyond the best paid
-        # sink's counts (a source-wide outage backlogs everyone alike and slashes nobody),
-        # and each unit of shortfall is slashed at most once (the mark)
-        base: uint256 = b_min * c_i // WAD + c_i * thr_bps // BPS
-        judged: bool = (paid[i] > 0 or status == STATUS_LEAVING) and q > base
-        if judged or mark_flag != 0:
-            mark: uint256 = 0
-            if mark_flag != 0:
-                mark = self._slash_mark[task_type][i]
-            if judged and q > mark:
-                excess: uint256 = backpressure._to_money(q - max(base, mark), fee)
-                sink: address = staticcall REGISTRY.member_at(task_type, i)
-                extcall ICompletionTracker(self.tracker).report_shortfall(task_type, sink, excess)
+        if mark_flag != 0:
+            mark = self._slash_mark[task_type][i]
+            if q < mark:
                 mark = q
-            elif q < mark:
-                mark = q
-            self._slash_mark[task_type][i] = mark
-            mark_flag = 0
-            if mark != 0:
-                mark_flag = MARK_BIT
-        unclaimed: uint256 = (w >> 160) + paid[i]
+                self._slash_mark[task_type][i] = q
+                if q == 0:
+                    mark_flag = 0
+        # paid (or leaving), beyond the absolute threshold and above the mark: a suspect,
+        # judged against the best paid sink once every sink has been seen
+        if (p_i > 0 or status == STATUS_LEAVING) and q > c_i * thr_bps // BPS and q > mark:
+            suspects.append(Suspect(slot=i, backlog=q, capacity=c_i, mark=mark, sink=empty(address)))
+        unclaimed: uint256 = (w >> 160) + p_i
         if status == STATUS_LEAVING:
-            self._settle_leaving(task_type, i, unclaimed)
-            words[i] = 0
+            sink: address = self._settle_leaving(task_type, i, unclaimed)
+            if len(suspects) > 0 and suspects[len(suspects) - 1].slot == i:
+                suspects[len(suspects) - 1].sink = sink
+            words.append(0)
             continue
-        q = min(q, backpressure._backlog_cap(c_i, hh))
+        q = min(min(q, backpressure._backlog_cap(c_i, hh)), BIAS - 1)
         units: uint256 = backpressure._units(c_i, q, hh)
         new_total += units
         assert unclaimed <= MASK96, "pool: balance overflow"
         word: uint256 = units | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
         self._hot[task_type][i] = word
-        words[i] = word
+        words.append(word)
+    ps.pending -= distributed
+
+    # relative slashing: only backlog more than `thr` epochs beyond the best paid sink's
+    # counts (a source-wide outage backlogs everyone alike and slashes nobody), and each
+    # unit of shortfall is slashed at most once (the mark)
+    if b_min == max_value(uint256):
+        b_min = 0
+    for sus: Suspect in suspects:
+        base: uint256 = max(b_min * sus.capacity // WAD + sus.capacity * thr_bps // BPS, sus.mark)
+        if sus.backlog <= base:
+            continue
+        sink: address = sus.sink
+        if sink == empty(address):
+            sink = staticcall REGISTRY.member_at(task_type, sus.slot)
+            self._slash_mark[task_type][sus.slot] = sus.backlog
+            words[sus.slot] = words[sus.slot] | MARK_BIT
+            self._hot[task_type][sus.slot] = words[sus.slot]
+        extcall ICompletionTracker(self.tracker).report_shortfall(
+            task_type, sink, backpressure._to_money(sus.backlog - base, fee)
+        )
 
     # 5. drain escrow into the spare capacity of this period
     spare: uint256 = absorbable - to_sinks
@@ -524,9 +528,11 @@ def rebalance(task_type: bytes32) -> uint256:
         ps.pending += drained
     ps.spare = spare - min(spare, drained)
 
-    # 6. fee: utilisation = (fresh inflow + money already queued in escrow) / full capacity
-    full_value: uint256 = full_wad * fee * n_epochs // WAD
-    extcall PRICING.advance(task_type, epoch, inflow + level_before, full_value, n_epochs)
+    # 6. fee: utilisation = (fresh inflow + money already queued in escrow) / what the
+    #    sinks could absorb this period. Usable capacity (weights), not declared capacity:
+    #    a sink that declares but does not deliver adds nothing, so when sinks fail the
+    #    scarcity shows in the fee instead of piling up in escrow.
+    extcall PRICING.advance(task_type, epoch, inflow + level_before, absorbable, n_epochs)
 
     # 7. write back streams (contributions consumed), dropping closed ones
     self._store_streams(task_type, sts)
@@ -806,7 +812,7 @@ def _drain(task_type: bytes32, max_amount: uint256) -> uint256:
 
 
 @internal
-def _settle_leaving(task_type: bytes32, slot: uint256, unclaimed: uint256):
+def _settle_leaving(task_type: bytes32, slot: uint256, unclaimed: uint256) -> address:
     sink: address = staticcall REGISTRY.member_at(task_type, slot)
     if unclaimed > 0:
         self.owed[task_type][sink] += unclaimed
@@ -815,6 +821,7 @@ def _settle_leaving(task_type: bytes32, slot: uint256, unclaimed: uint256):
     self._slash_mark[task_type][slot] = 0
     extcall REGISTRY.release_slot(task_type, slot)
     log SlotSettled(task_type=task_type, sink=sink, slot=slot, owed=unclaimed)
+    return sink
 
 
 @internal

@@ -175,10 +175,9 @@ def advance(task_type: bytes32, epoch: uint256, demand: uint256, capacity_value:
     assert msg.sender == self.pool, "pricing: caller is not the pool"
     f: Fee = self.fees[task_type]
     assert f.max_fee > 0, "pricing: task type not configured"
-    p: Params = self.params
     factor_wad: uint256 = 0
     util_bps: uint256 = 0
-    factor_wad, util_bps = fee_math._factor(demand, capacity_value, p.target_util_bps, p.max_step_bps)
+    factor_wad, util_bps = fee_math._factor(demand, capacity_value, self.params.target_util_bps, self.params.max_step_bps)
     fee: uint256 = fee_math._compound(f.base_fee, f.min_fee, f.max_fee, factor_wad, epochs)
     f.base_fee = fee
     f.last_epoch_p1 = epoch + 1

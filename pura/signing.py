@@ -139,7 +139,8 @@ class Attestation:
         return sign_digest(private_key, self.digest(chain_id, registry))
 
     def as_call_arg(self, signature: bytes) -> tuple:
-        return (self.task_type, self.sink, self.capacity, self.nonce, self.deadline, signature)
+        """One entry of CapacityRegistry.submit_attestations(task_type, entries)."""
+        return (self.sink, self.capacity, self.nonce, self.deadline, signature)
 
 
 def _digest(typed: dict[str, Any]) -> bytes:

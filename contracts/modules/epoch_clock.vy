@@ -13,8 +13,9 @@ EPOCH_LENGTH: public(immutable(uint256))
 
 @deploy
 def __init__(genesis: uint256, epoch_length: uint256):
+    # genesis <= block.timestamp: callers pass block.timestamp (the registry) or the
+    # registry's GENESIS (everyone else), both in the past
     assert epoch_length > 0, "epoch_clock: zero epoch length"
-    assert genesis <= block.timestamp, "epoch_clock: genesis in the future"
     GENESIS = genesis
     EPOCH_LENGTH = epoch_length
 
@@ -22,5 +23,5 @@ def __init__(genesis: uint256, epoch_length: uint256):
 @internal
 @view
 def _epoch() -> uint256:
-    # GENESIS <= block.timestamp was checked at deploy time and time only moves forward.
+    # GENESIS <= block.timestamp (see __init__) and time only moves forward.
     return unsafe_sub(block.timestamp, GENESIS) // EPOCH_LENGTH

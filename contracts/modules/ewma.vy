@@ -28,9 +28,28 @@ def _advance(s_wad: uint256, target_wad: uint256, epochs: uint256, decay_wad: ui
     """
     if epochs == 0 or s_wad == target_wad:
         return s_wad
+    return self._step(s_wad, target_wad, self._decay(epochs, decay_wad))
+
+
+@internal
+@pure
+def _decay(epochs: uint256, decay_wad: uint256) -> uint256:
+    """
+    @dev (1 - alpha)^epochs in WAD; 0 beyond 2**32 - 1 epochs (the signal is at its target).
+    """
+    if epochs == 1:
+        return decay_wad  # the common case: no exponentiation
     if epochs > MAX_STEPS:
-        return target_wad
-    f: uint256 = fixed_point._pow_wad(decay_wad, epochs)
+        return 0
+    return fixed_point._pow_wad(decay_wad, epochs)
+
+
+@internal
+@pure
+def _step(s_wad: uint256, target_wad: uint256, f_wad: uint256) -> uint256:
+    """
+    @dev target + (s - target) * f, the gap rounded toward zero (never overshoots).
+    """
     if s_wad > target_wad:
-        return target_wad + (s_wad - target_wad) * f // WAD
-    return target_wad - (target_wad - s_wad) * f // WAD
+        return target_wad + unsafe_sub(s_wad, target_wad) * f_wad // WAD
+    return target_wad - unsafe_sub(target_wad, s_wad) * f_wad // WAD

@@ -3,7 +3,8 @@
 @title BlacklistToken
 @custom:contract-name BlacklistToken
 @notice TEST ONLY. An ERC-20 that refuses transfers to blacklisted addresses (as USDC
-        can), to show that one refusing recipient blocks nobody else.
+        can), to show that one refusing recipient blocks nobody else. With `quiet` set it
+        refuses by returning False instead of reverting (as some tokens do).
 """
 
 from ethereum.ercs import IERC20
@@ -14,6 +15,7 @@ balanceOf: public(HashMap[address, uint256])
 allowance: public(HashMap[address, HashMap[address, uint256]])
 totalSupply: public(uint256)
 blacklisted: public(HashMap[address, bool])
+quiet: public(bool)
 decimals: public(constant(uint8)) = 6
 
 event Transfer:
@@ -40,6 +42,11 @@ def set_blacklisted(who: address, flag: bool):
 
 
 @external
+def set_quiet(flag: bool):
+    self.quiet = flag
+
+
+@external
 def approve(spender: address, amount: uint256) -> bool:
     self.allowance[msg.sender][spender] = amount
     log Approval(owner=msg.sender, spender=spender, value=amount)
@@ -48,12 +55,16 @@ def approve(spender: address, amount: uint256) -> bool:
 
 @external
 def transfer(to: address, amount: uint256) -> bool:
+    if self.quiet and (self.blacklisted[to] or self.blacklisted[msg.sender]):
+        return False
     self._move(msg.sender, to, amount)
     return True
 
 
 @external
 def transferFrom(owner: address, to: address, amount: uint256) -> bool:
+    if self.quiet and (self.blacklisted[to] or self.blacklisted[owner]):
+        return False
     self.allowance[owner][msg.sender] -= amount
     self._move(owner, to, amount)
     return True

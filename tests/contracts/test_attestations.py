@@ -26,11 +26,11 @@ def test_relayed_batch_declares_for_each_sink(registry, signer, sink_a, sink_b, 
     registry.register_sink(CHEAP, 200 * USDC, 10, sender=sink_a)
     registry.register_sink(CHEAP, 200 * USDC, 10, sender=sink_b)
     batch = [signer.attestation(sink_a, 150, 1)[1], signer.attestation(sink_b, 500, 1)[1]]
-    assert registry.submit_attestations.call(batch, sender=relayer) == 2
-    tx = registry.submit_attestations(batch, sender=relayer)
+    assert registry.submit_attestations.call(CHEAP, batch, sender=relayer) == 2
+    tx = registry.submit_attestations(CHEAP, batch, sender=relayer)
     assert own_events(tx, registry) == [
-        registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=150, cap=200, nonce=1),
-        registry.CapacityDeclared(task_type=CHEAP, sink=sink_b.address, declared=500, cap=200, nonce=1),
+        registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=150, nonce=1),
+        registry.CapacityDeclared(task_type=CHEAP, sink=sink_b.address, declared=500, nonce=1),
     ]
     assert registry.capacity_state(CHEAP, 0).declared == 150
     assert registry.capacity_state(CHEAP, 1).nonce == 1
@@ -49,7 +49,7 @@ def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, 
         signer.attestation(sink_a, 40, 6)[1],                          # same nonce again: stale
         signer.attestation(sink_a, 20, 5)[1],                          # reordered older: stale
     ]
-    tx = registry.submit_attestations(batch, sender=relayer)
+    tx = registry.submit_attestations(CHEAP, batch, sender=relayer)
     assert rejected(tx, registry) == [
         (sink_a.address, 1, EXPIRED), (stranger.address, 1, NOT_REGISTERED), (sink_a.address, 0, STALE),
         (sink_a.address, 2**32, STALE), (sink_a.address, 5, BAD_SIG), (sink_a.address, 6, STALE),
@@ -62,11 +62,10 @@ def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, 
 def test_attestation_for_another_task_type_does_not_transfer(registry, signer, sink_a, relayer):
     registry.register_sink(CHEAP, 200 * USDC, 10, sender=sink_a)
     a, arg = signer.attestation(sink_a, 99, 1, task_type=PREMIUM)
-    tx = registry.submit_attestations([arg], sender=relayer)
+    tx = registry.submit_attestations(PREMIUM, [arg], sender=relayer)
     assert rejected(tx, registry) == [(sink_a.address, 1, NOT_REGISTERED)]
-    # re-labelling the entry's task type breaks the signature
-    forged = (CHEAP,) + tuple(arg[1:])
-    tx = registry.submit_attestations([forged], sender=relayer)
+    # relaying it under the task type the sink is registered in breaks the signature
+    tx = registry.submit_attestations(CHEAP, [arg], sender=relayer)
     assert rejected(tx, registry) == [(sink_a.address, 1, BAD_SIG)]
 
 
@@ -78,7 +77,7 @@ def test_burst_of_attestations_moves_the_signal_one_step(registry, signer, sink_
     s0 = registry.smoothed_capacity_wad(CHEAP, sink_a)
     assert registry.smoothed_capacity(CHEAP, sink_a) == 100
     batch = [signer.attestation(sink_a, 1000, n)[1] for n in range(1, 11)]
-    registry.submit_attestations(batch, sender=relayer)
+    registry.submit_attestations(CHEAP, batch, sender=relayer)
     assert registry.smoothed_capacity_wad(CHEAP, sink_a) == s0
     clock.next_epoch()
     # one step: 0.3 * 1000 + 0.7 * s0 (the gap rounds toward the target)
@@ -87,7 +86,7 @@ def test_burst_of_attestations_moves_the_signal_one_step(registry, signer, sink_
 
 def test_attested_capacity_is_clamped_to_the_bond(registry, signer, sink_a, relayer, clock):
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
-    registry.submit_attestations([signer.attestation(sink_a, 10**12, 1)[1]], sender=relayer)
+    registry.submit_attestations(CHEAP, [signer.attestation(sink_a, 10**12, 1)[1]], sender=relayer)
     clock.next_epoch(80)
     assert registry.smoothed_capacity(CHEAP, sink_a) == 100
 
@@ -95,7 +94,7 @@ def test_attested_capacity_is_clamped_to_the_bond(registry, signer, sink_a, rela
 def test_malformed_signatures_are_skipped(registry, signer, sink_a, relayer):
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
     _, arg = signer.attestation(sink_a, 50, 1)
-    sig = arg[5]
+    sig = arg[4]
     for bad in (sig[:64], sig[:64] + b"\x1d", b"\x00" * 65, b""):
-        tx = registry.submit_attestations([tuple(arg[:5]) + (bad,)], sender=relayer)
+        tx = registry.submit_attestations(CHEAP, [tuple(arg[:4]) + (bad,)], sender=relayer)
         assert rejected(tx, registry) == [(sink_a.address, 1, BAD_SIG)]

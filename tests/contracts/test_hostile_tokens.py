@@ -179,3 +179,38 @@ def test_fee_on_transfer_tokens_are_rejected(project, accounts):
     ):
         with ape.reverts("token_io: fee-on-transfer token"):
             call()
+
+
+def test_tokens_that_return_false_are_refused(blacklisted, accounts):
+    """A token may refuse by returning False instead of reverting: the pull and the push
+    both notice, with their own messages, and nothing moves."""
+    p = blacklisted
+    owner, funder = accounts[0], accounts[5]
+    p.token.set_quiet(True, sender=owner)
+    p.token.set_blacklisted(funder, True, sender=owner)
+    with ape.reverts("token_io: transferFrom failed"):
+        p.escrow.deposit(CHEAP, 2 * USDC, sender=funder)
+    p.token.set_blacklisted(funder, False, sender=owner)
+    p.escrow.deposit(CHEAP, 2 * USDC, sender=funder)
+    p.token.set_blacklisted(funder, True, sender=owner)
+    with ape.reverts("token_io: transfer failed"):
+        p.escrow.withdraw(CHEAP, [0], sender=funder)
+    assert p.escrow.level(CHEAP) == 2 * USDC
+    assert_conserved(p)
+
+
+def test_amounts_and_balances_are_bounded(proto, accounts, owner):
+    """Packed ledgers hold money in 96 bits: larger pulls, and balances that would exceed
+    2**96 - 1, are refused up front."""
+    whale = accounts[11]
+    proto.token.mint(whale, 2**97, sender=owner)
+    with ape.reverts("token_io: amount too large"):
+        proto.pool.fund(CHEAP, 2**96, 1, sender=whale)
+    proto.pool.fund(CHEAP, 2**96 - 1 - proto.token.balanceOf(proto.pool), 1, sender=whale)
+    with ape.reverts("token_io: balance too large"):
+        proto.pool.distribute(CHEAP, 1, sender=whale)
+
+
+def test_zero_token_is_refused(project, accounts):
+    with ape.reverts("token_io: zero token"):
+        accounts[0].deploy(project.CapacityRegistry, "0x" + "00" * 20, 3600, 3 * 10**17, 1, accounts[1])

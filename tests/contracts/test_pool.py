@@ -400,3 +400,18 @@ def test_credit_only_tracker(pool, owner, stranger, funder):
     for who in (owner, stranger, funder):
         with ape.reverts("pool: caller is not the tracker"):
             pool.credit(CHEAP, [0], [1], [funder], [1], sender=who)
+
+
+def test_credit_guards_hold_even_for_the_tracker(proto, pool, tracker, funder, sink_a, clock, keeper):
+    """The tracker checks funding per receipt first; the pool re-checks the totals, so even
+    a faulty tracker could not credit beyond a source's funding or mismatch arrays."""
+    warm_market(proto, [sink_a], [100], clock, keeper)
+    pool.distribute(CHEAP, USDC, sender=funder)
+    as_tracker = ape.accounts[tracker.address]
+    chain.set_balance(tracker.address, 10**18)
+    with ape.reverts("pool: length mismatch"):
+        pool.credit(CHEAP, [0], [], [funder], [1], sender=as_tracker)
+    with ape.reverts("pool: credit exceeds funding"):
+        pool.credit(CHEAP, [0], [USDC + 1], [funder], [USDC + 1], sender=as_tracker)
+    pool.credit(CHEAP, [0], [USDC], [funder], [USDC], sender=as_tracker)
+    assert pool.credit_of(CHEAP, funder) == (USDC, USDC)

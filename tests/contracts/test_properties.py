@@ -29,6 +29,12 @@ def test_pow_wad_rounds_down_within_one_wei_per_multiplication(harness, base, n)
     assert exact - got <= 2 * n.bit_length() + 1
 
 
+def test_pow_wad_refuses_exponents_beyond_32_bits(harness):
+    import ape
+    with ape.reverts("fixed_point: exponent too large"):
+        harness.pow_wad(WAD // 2, 2**32)
+
+
 # ------------------------------------------------------------------ EWMA
 
 alphas = st.integers(10**15, WAD)  # alpha from 0.001 to 1

@@ -113,7 +113,7 @@ def test_register_sink(registry, token, sink_a, proto):
     st = registry.capacity_state(CHEAP, 0)
     assert (st.s, st.declared, st.cap, st.status) == (0, 120, 150, 1)
     assert registry.SinkRegistered(task_type=CHEAP, sink=sink_a.address, slot=0, bond=150 * USDC, declared=120) in own_events(tx, registry)
-    assert registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=120, cap=150, nonce=0) in own_events(tx, registry)
+    assert registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=120, nonce=0) in own_events(tx, registry)
     assert_conserved(proto)
 
 
@@ -230,7 +230,7 @@ def test_declare_capacity_reverts_when_not_registered(registry, stranger):
 def test_declare_capacity_event(registry, sink_a):
     registry.register_sink(CHEAP, 100 * USDC, 5, sender=sink_a)
     tx = registry.declare_capacity(CHEAP, 500, sender=sink_a)
-    assert own_events(tx, registry) == [registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=500, cap=100, nonce=0)]
+    assert own_events(tx, registry) == [registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=500, nonce=0)]
 
 
 # ------------------------------------------------------------------ bonds

@@ -351,7 +351,7 @@ class RegistryTrackerMachine(RuleBasedStateMachine):
         reg = self.p.registry
         sp1 = reg.slot_of(CHEAP, sink)
         stored = reg.capacity_state(CHEAP, sp1 - 1).nonce if sp1 else None
-        tx = reg.submit_attestations([arg], sender=self.relayer)
+        tx = reg.submit_attestations(CHEAP, [arg], sender=self.relayer)
         accepted = bool(reg.CapacityDeclared.from_receipt(tx))
         assert accepted == (sp1 != 0 and not forged and nonce > stored)
         if accepted:
@@ -362,7 +362,9 @@ class RegistryTrackerMachine(RuleBasedStateMachine):
     def receipt(self, s, frac, attack):
         sink = self.sinks[s]
         amount = max(1, self.p.pool.funder_room(CHEAP, self.funder) * frac // 100)
-        if attack == "replay" and self.accepted:
+        if attack == "replay" and not self.accepted:
+            attack = "none"  # nothing to replay yet: an honest receipt
+        if attack == "replay":
             source, nonce = next(iter(self.accepted))
             _, arg = self.signer.receipt(sink, self.funder, amount, nonce=nonce)
         else:

@@ -10,6 +10,7 @@ from ape import chain
 from hypothesis import given, settings, strategies as st
 
 from conftest import CHEAP, USDC, hot, warm_market
+from pura.market import expected_pay
 
 LONG = os.environ.get("PURA_HYPOTHESIS_PROFILE") == "long"
 FEW = settings(max_examples=30 if LONG else 3)
@@ -32,20 +33,11 @@ class Market:
     def stream(self, per_epoch):
         self.p.pool.fund(CHEAP, 2_000 * USDC, max(1, per_epoch // 3600), sender=self.funder)
 
-    def expected_pay(self, seconds_left):
-        """What each sink will be paid at the coming rebalance (estimate from views)."""
-        pool = self.p.pool
-        st_ = pool.stream_of(CHEAP, self.funder)
-        pot = pool.pools(CHEAP).pending + min(st_.remaining, st_.rate * seconds_left)
-        units = self.units()
-        to_sinks = min(pot, sum(units) * self.p.pricing.base_fee(CHEAP) // 10**9)
-        return [to_sinks * u // sum(units) if sum(units) else 0 for u in units]
-
     def epoch(self, can_do):
         """One epoch: each sink delivers min(its pay, can_do[i] tasks * fee); returns pay."""
         self.clock.to_epoch(self.clock.epoch() + 1, offset=-10)
         fee = self.p.pricing.base_fee(CHEAP)
-        pay = self.expected_pay(11)
+        pay = expected_pay(self.p.pool, self.p.pricing, CHEAP, self.sinks, [self.funder], 11)
         room = self.p.pool.funder_room(CHEAP, self.funder)
         args = []
         for sink, p, c in zip(self.sinks, pay, can_do):
