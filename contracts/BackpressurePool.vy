@@ -757,7 +757,10 @@ def _funder_slot(task_type: bytes32, funder: address, amount: uint256) -> uint25
 @internal
 @view
 def _streamed(st: Stream) -> uint256:
-    return min(st.remaining, st.rate * (block.timestamp - st.last))
+    # a node may evaluate a view with a block time before the stream's last settlement
+    if block.timestamp <= st.last:
+        return 0
+    return min(st.remaining, st.rate * unsafe_sub(block.timestamp, st.last))
 
 
 @internal

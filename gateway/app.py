@@ -41,6 +41,7 @@ from gateway.pipeline import ChatPipeline, _bearer
 from gateway.routing.quality import HealthBook
 from gateway.routing.selection import Catalogue, Router
 from gateway.routing.weights import ConfigWeightSource, WeightSource
+from gateway.chain.service import ChainService
 from gateway.schemas import ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
 from gateway.upstreams.client import UpstreamClient
 
@@ -64,6 +65,9 @@ EXPOSED_HEADERS = [
     "X-RateLimit-Remaining",
     "X-RateLimit-Limit",
     "Retry-After",
+    "X-Pura-Weights-Age",
+    "X-Pura-Weights-Stale",
+    "X-Pura-Receipt",
 ]
 
 
@@ -85,6 +89,7 @@ class Services:
     router: Router
     upstream: UpstreamClient
     pipeline: ChatPipeline
+    chain: ChainService | None = None
 
 
 def build_services(
@@ -104,6 +109,10 @@ def build_services(
         degraded_latency_ms=policy.degraded_latency_ms,
         min_samples=policy.min_samples,
     )
+    chain = None
+    if config.chain is not None and config.chain.enabled:
+        chain = ChainService(config, db)
+        weights = weights or chain.weights
     weights = weights or ConfigWeightSource(config)
     router = Router(catalogue, weights, health, policy, random.Random(settings.routing_seed))
     upstream = UpstreamClient()
@@ -115,7 +124,8 @@ def build_services(
         log_requests=settings.log_requests,
         max_body_bytes=settings.max_body_bytes,
     )
-    return Services(settings, config, db, store, catalogue, health, weights, router, upstream, pipeline)
+    pipeline.chain = chain
+    return Services(settings, config, db, store, catalogue, health, weights, router, upstream, pipeline, chain)
 
 
 async def _sweeper(services: Services) -> None:
@@ -159,6 +169,8 @@ def create_app(
         # Released reservations left by a previous crash before serving.
         await services.store.release_stale(settings.reservation_ttl_s * 1000)
         services.pipeline.settlement.start()
+        if services.chain is not None:
+            await services.chain.start()
         tasks = [asyncio.create_task(_sweeper(services))]
         if services.weights.refresh_interval_s > 0:
             tasks.append(asyncio.create_task(_weight_refresher(services)))
@@ -168,6 +180,8 @@ def create_app(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if services.chain is not None:
+                await services.chain.stop()
             await services.pipeline.settlement.close()
             services.pipeline.request_log.flush()
             await services.upstream.close()
@@ -268,6 +282,19 @@ def _install_routes(app: FastAPI) -> None:
         if "text/plain" in accept and "application/json" not in accept:
             return PlainTextResponse(render_income_text(statement))
         return JSONResponse(statement)
+
+    @app.get("/api/status", summary="Chain status: weights and their staleness, receipts, keeper")
+    async def status(request: Request) -> dict:
+        services = _services(request)
+        snap = services.weights.snapshot()
+        out: dict = {
+            "weights": {"source": snap.source, "stale": snap.stale,
+                        "age_s": round(snap.age_s(), 3) if snap.as_of else None},
+            "chain": None,
+        }
+        if services.chain is not None:
+            out["chain"] = await services.chain.status()
+        return out
 
     @app.get("/health", summary="Liveness")
     async def health(request: Request) -> dict:

@@ -97,6 +97,13 @@ class ProviderConfig(BaseModel):
     local_stand_in: bool = Field(
         default=False, description="true for Pura's local stand-in provider servers"
     )
+    # On-chain identity (used when [chain] is enabled): the provider's sink address, and who
+    # signs its side of each receipt: the provider itself through the Pura sidecar protocol
+    # ("sidecar", see gateway.chain.receipts), or the operator with a key it holds ("keystore",
+    # the key read from the environment variable `sink_key_env`).
+    sink: str | None = Field(default=None, pattern=r"^0x[0-9a-fA-F]{40}$")
+    sink_signer: Literal["keystore", "sidecar"] = "keystore"
+    sink_key_env: str | None = None
 
     def resolved_api_key(self) -> str | None:
         if self.api_key_env:
@@ -182,12 +189,60 @@ class AccountingPolicy(BaseModel):
     )
 
 
+class ChainConfig(BaseModel):
+    """The on-chain half (issue 5): which deployment, which account, how often."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    deployment: Path = Field(description="deployments/<ecosystem>-<network>.json written by `ape run deploy`")
+    rpc_url: str | None = Field(default=None, description="literal RPC URL (prefer rpc_url_env)")
+    rpc_url_env: str = "PURA_CHAIN_RPC"
+    source_key_env: str = Field(
+        default="PURA_CHAIN_SOURCE_KEY", description="env var with the gateway's (source's) private key"
+    )
+    task_types: dict[str, str] = Field(
+        default_factory=lambda: {"cheap": "llm.cheap", "mid": "llm.mid", "premium": "llm.premium"},
+        description="tier -> task type name (keccak256 of the name is the on-chain id)",
+    )
+    read_timeout_s: float = Field(default=2.0, gt=0)
+    refresh_interval_s: float = Field(default=5.0, gt=0, description="weight refresh period")
+    stale_after_s: float = Field(default=30.0, gt=0, description="weights older than this are reported stale")
+    batch_size: int = Field(default=50, ge=1, le=64, description="receipts per CompletionTracker batch")
+    batch_interval_s: float = Field(default=2.0, gt=0, description="max age of a queued receipt before a batch goes")
+    tx_timeout_s: float = Field(default=60.0, gt=0)
+    receipt_ttl_s: int = Field(default=86_400, ge=60, description="receipt deadline after the request")
+    keeper_interval_s: float = Field(default=2.0, gt=0)
+    rebalance: bool = Field(default=True, description="call rebalance when an epoch is due")
+    fund: bool = Field(default=True, description="keep a stream per task type sized to spend")
+    funding_margin: float = Field(
+        default=0.9, gt=0, le=2.0,
+        description="stream rate = measured spend x margin; below 1 on purpose: instant top-ups add "
+                    "exactly what waiting receipts need, so the pool never pays out money nobody vouches for",
+    )
+    funding_runway_epochs: float = Field(default=3.0, gt=0, description="top up to this many epochs of streaming")
+    min_stream_rate: int = Field(
+        default=20, ge=1,
+        description="base units per second below which the gateway does not stream (a rate rounds to "
+                    "whole units per second, so a tiny spend would be over-paid); it then pays by "
+                    "instant top-ups only, which match receipts exactly",
+    )
+    funding_window_epochs: float = Field(default=1.0, gt=0, description="spend is measured over this window")
+
+    def resolved_rpc_url(self) -> str:
+        url = os.environ.get(self.rpc_url_env) or self.rpc_url
+        if not url:
+            raise ValueError(f"no RPC URL: set {self.rpc_url_env} (or chain.rpc_url in the routing file)")
+        return url
+
+
 class RoutingConfig(BaseModel):
     """The routing file: upstreams and every routing/accounting policy knob."""
 
     model_config = ConfigDict(extra="forbid")
 
     providers: list[ProviderConfig] = Field(default_factory=list)
+    chain: ChainConfig | None = None
     complexity: ComplexityRules = Field(default_factory=ComplexityRules)
     cascade: CascadePolicy = Field(default_factory=CascadePolicy)
     selection: SelectionPolicy = Field(default_factory=SelectionPolicy)

@@ -93,6 +93,10 @@ class StandIn:
     def base_url(self) -> str:
         return self.server.url + "/v1"
 
+    def stats(self) -> dict:
+        """Requests received and answers served (by model) so far."""
+        return {"requests": self.app.state.requests, "served": dict(self.app.state.served)}
+
     def configure(self, **changes: object) -> None:
         """Change behaviour in place (same effect as POST /_stand_in/config)."""
         merged = self.app.state.behaviour.model_dump() | changes
@@ -196,11 +200,13 @@ def start_local_stack(
     daily_budget_usd: str = "10",
     rate_limit_per_min: int = 30,
     log_requests: bool = False,
+    provider_extras: dict[str, dict] | None = None,
 ) -> LocalStack:
     """Start stand-in providers and a gateway routed to them; returns the running stack.
 
     ``routing`` (optional) supplies every policy section; its provider list is replaced by the
     stand-ins started here. Without ``database_url`` the stack uses a temporary SQLite file.
+    ``provider_extras`` adds ProviderConfig fields per stand-in (e.g. its on-chain ``sink``).
     """
     from gateway.app import create_app
 
@@ -219,6 +225,7 @@ def start_local_stack(
                 name=name, base_url=providers[name].base_url, models=models,
                 local_stand_in=True, connect_timeout_s=1.0, first_byte_timeout_s=5.0,
                 total_timeout_s=30.0, stream_idle_timeout_s=5.0,
+                **(provider_extras or {}).get(name, {}),
             ))
         base = routing or RoutingConfig()
         config = base.model_copy(update={"providers": provider_configs})

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -50,6 +51,13 @@ from gateway.schemas import ChatCompletionRequest, RoutingHints
 from gateway.upstreams.client import Completion, EventStream, UpstreamClient, UpstreamFailure
 from gateway.upstreams.sse import encode_event
 
+STREAM_SIGNATURE_FIELD = "pura_sink_signature"  # gateway.chain.receipts.STREAM_FIELD
+
+if TYPE_CHECKING:
+    from gateway.chain.service import ChainService
+
+
+log = logging.getLogger("pura.pipeline")
 
 MAX_RESERVATION_MICROS = 2**53
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -92,6 +100,13 @@ class RequestContext:
     cascade_depth: int = 0
     confidence: float | None = None
     cascade_stopped: str | None = None
+    # on-chain receipt (when the chain is enabled): one nonce and deadline per request; the
+    # terms each attempted route was sent, and the sink signatures sidecars returned
+    receipt_nonce: int | None = None
+    receipt_deadline: int = 0
+    terms: dict[str, Any] = field(default_factory=dict)
+    sink_sigs: dict[str, str | None] = field(default_factory=dict)
+    receipt_status: str | None = None
 
     @property
     def messages(self) -> list[dict]:
@@ -154,6 +169,7 @@ class ChatPipeline:
         self.settlement = settlement
         self.log_requests = log_requests
         self.request_log = RequestLog()
+        self.chain: ChainService | None = None  # set by the app when [chain] is enabled
 
     @property
     def sinks(self) -> list[RecordSink]:
@@ -324,6 +340,9 @@ class ChatPipeline:
             raise errors.rate_limited(admission.retry_after_s, admission.rate_limit)
         if admission.status == "budget_exhausted":
             raise errors.budget_exhausted(format_usd(admission.budget_remaining_micros or 0))
+        if self.chain is not None:
+            ctx.receipt_nonce = await self.chain.new_nonce()
+            ctx.receipt_deadline = self.chain.client.chain_now() + self.chain.cc.receipt_ttl_s
         try:
             if use_cascade:
                 return await self._cascade(ctx, plan)
@@ -338,6 +357,33 @@ class ChatPipeline:
             raise
 
     # ------------------------------------------------------------------ helpers
+
+    def _receipt_headers(self, ctx: RequestContext, route: Route) -> dict[str, str] | None:
+        """Receipt terms for this attempt; the header a sidecar provider signs against."""
+        if self.chain is None or ctx.receipt_nonce is None:
+            return None
+        terms = ctx.terms.get(route.key)
+        if terms is None:
+            terms = self.chain.terms(
+                route.provider, route.tier, ctx.request_id, ctx.receipt_nonce, ctx.receipt_deadline,
+                route.price.input_micros_per_mtok, route.price.output_micros_per_mtok,
+            )
+            ctx.terms[route.key] = terms
+        return self.chain.request_headers(route.provider, terms)
+
+    async def _receipt(self, ctx: RequestContext, route: Route, answer: str, attempt_cost: int) -> None:
+        """Commit the answer's dual-signed receipt to the outbox before the answer is sent."""
+        if self.chain is None or ctx.receipt_nonce is None:
+            return
+        try:
+            ctx.receipt_status = await self.chain.issue(
+                route.provider_name, ctx.terms.get(route.key), attempt_cost, answer_hash(answer),
+                ctx.sink_sigs.get(route.key), ctx.request_id,
+            )
+        except Exception:
+            # the answer is good; a receipt failure must not turn it into an error
+            ctx.receipt_status = "error"
+            log.exception("receipt not issued", extra={"fields": {"request_id": ctx.request_id}})
 
     def _forward_body(self, ctx: RequestContext, route: Route, stream: bool) -> bytes:
         body = {k: v for k, v in ctx.body.items() if k != "routing"}
@@ -409,7 +455,8 @@ class ChatPipeline:
             started = time.perf_counter()
             try:
                 completion = await self.upstream.complete(
-                    route.provider, self._forward_body(ctx, route, stream=False)
+                    route.provider, self._forward_body(ctx, route, stream=False),
+                    self._receipt_headers(ctx, route),
                 )
             except UpstreamFailure as failure:
                 self._fail(ctx, route, failure, started)
@@ -418,6 +465,7 @@ class ChatPipeline:
                     return None
                 continue
             self.health.record(route.key, True, completion.latency_ms)
+            ctx.sink_sigs[route.key] = completion.headers.get("x-pura-sink-signature")
             return route, completion
         return None
 
@@ -449,6 +497,13 @@ class ChatPipeline:
             )
             if ctx.cascade_stopped:
                 headers["X-Pura-Cascade-Stopped"] = ctx.cascade_stopped
+        if self.chain is not None:
+            snap = self.router.weights.snapshot()
+            headers["X-Pura-Weights-Age"] = f"{snap.age_s():.1f}" if snap.as_of else "never"
+            if snap.stale:
+                headers["X-Pura-Weights-Stale"] = "true"
+            if ctx.receipt_status is not None:
+                headers["X-Pura-Receipt"] = ctx.receipt_status
         return headers
 
     def _finish(
@@ -540,6 +595,7 @@ class ChatPipeline:
                           round(completion.latency_ms))
         )
         _billed, remaining = self._finish(ctx, 200, route, text, "ok")
+        await self._receipt(ctx, route, text, cost)
         return Response(
             content=completion.raw,
             media_type="application/json",
@@ -556,7 +612,8 @@ class ChatPipeline:
             started = time.perf_counter()
             try:
                 stream = await self.upstream.stream(
-                    route.provider, self._forward_body(ctx, route, stream=True)
+                    route.provider, self._forward_body(ctx, route, stream=True),
+                    self._receipt_headers(ctx, route),
                 )
             except UpstreamFailure as failure:
                 self._fail(ctx, route, failure, started)
@@ -619,6 +676,9 @@ class ChatPipeline:
                     if "error" in obj:
                         broken = UpstreamFailure("status", "upstream sent an error event")
                         break
+                    if STREAM_SIGNATURE_FIELD in obj:  # a sidecar's receipt signature: ours, not the client's
+                        ctx.sink_sigs[route.key] = obj.pop(STREAM_SIGNATURE_FIELD)
+                        data = json.dumps(obj).encode()
                     usage = _reported_usage(obj)
                     if usage is not None:
                         reported = usage
@@ -674,6 +734,8 @@ class ChatPipeline:
             "cost_micros": ctx.cost_micros,
         }
         billed, remaining = self._finish(ctx, status, route, "".join(answer), outcome)
+        if failure is None:
+            await self._receipt(ctx, route, "".join(answer), ctx.attempts[-1].cost_micros)
         pura["billed_micros"] = billed
         pura["budget_remaining_usd"] = format_usd(max(0, remaining))
         if failure is not None:
@@ -745,7 +807,7 @@ class ChatPipeline:
         features = extract_features(ctx.messages)
         failures: list[UpstreamFailure] = []
         tried: set[str] = set()
-        best: tuple[Route, Completion, AnswerScore] | None = None
+        best: tuple[Route, Completion, AnswerScore, int] | None = None
         current = plan
         escalations = 0
         while True:
@@ -781,7 +843,7 @@ class ChatPipeline:
                     )
                 )
                 if best is None or verdict.score >= best[2].score:
-                    best = (route, completion, verdict)
+                    best = (route, completion, verdict, cost)
                 if verdict.accepted:
                     break
             if escalations >= max_escalations:
@@ -809,18 +871,20 @@ class ChatPipeline:
             current = nxt
         if best is None:
             raise self._exhausted(ctx, failures)
-        route, completion, verdict = best
+        route, completion, verdict, best_cost = best
         ctx.confidence = verdict.score
         ctx.tier = route.tier
         text, _finish, _tools = _completion_text(completion.data)
         if not ctx.stream:
             _billed, remaining = self._finish(ctx, 200, route, text, "ok")
+            await self._receipt(ctx, route, text, best_cost)
             return Response(
                 content=completion.raw,
                 media_type="application/json",
                 headers=self._headers(ctx, route, remaining),
             )
         billed, remaining = self._finish(ctx, 200, route, text, "ok")
+        await self._receipt(ctx, route, text, best_cost)
         headers = self._headers(ctx, route, remaining)
         headers.update(SSE_HEADERS)
         pura = {

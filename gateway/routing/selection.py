@@ -2,14 +2,14 @@
 fallback order.
 
 Choice within a tier is *proportional*: a route is drawn with probability proportional to
-``weight(provider) x quality(route)`` (x2 for the ``prefer``-ed provider), so traffic splits the
-way the weights (later: on-chain pool units) say, and a degrading route loses share smoothly. If
+``weight(provider) x quality(route)`` (x2 for the ``prefer``-ed provider), chosen by smooth
+weighted round-robin, so traffic splits the way the weights (the on-chain pool units) say, and a degrading route loses share smoothly. If
 every eligible route has weight 0 (for example a chain with no registered sinks) the draw is
 uniform instead of falling back to a fixed order (the seed sent everything to openai then).
 
 Exploration: with probability ``exploration_rate`` (doubled while any route is degraded: more
 than 20 % errors or more than 5 s average latency over the window) the draw is replaced by a
-uniform pick among the *other* eligible routes of the tier, so routes that the weights starve
+pick among the *other* eligible routes of the tier, weighted toward the least measured, so routes that the weights starve
 still get measured and can recover. Exploration obeys the hints.
 
 Hints filter strictly: ``excludeProviders`` removes providers, ``maxCost`` (USD per 1K tokens,
@@ -129,6 +129,8 @@ class Router:
         self.health = health
         self.policy = policy
         self.rng = rng
+        # smooth weighted round-robin credit per route (see _pick)
+        self._credit: dict[str, float] = {}
 
     # ---- filters and scores
 
@@ -158,6 +160,7 @@ class Router:
     # ---- choice
 
     def _draw(self, candidates: list[Route], scores: dict[str, float]) -> Route:
+        """A random draw proportional to the scores (exploration)."""
         total = sum(scores[r.key] for r in candidates)
         if total <= 0:
             return self.rng.choice(candidates)
@@ -168,8 +171,33 @@ class Router:
                 return route
         return candidates[-1]
 
+    def _pick(self, candidates: list[Route], scores: dict[str, float]) -> Route:
+        """Smooth weighted round-robin: each candidate gains its score in credit, the richest
+        is picked and pays the total. Over any run of requests each route gets its share of
+        traffic to within one request, instead of a binomial scatter around it. That matters
+        on chain: the pool pays each sink exactly its share, so traffic that randomly falls
+        short of the share looks like undelivered work (backlog) and traffic above it is
+        credit that expires at the epoch boundary."""
+        total = sum(scores[r.key] for r in candidates)
+        if total <= 0:
+            return self.rng.choice(candidates)
+        best: Route | None = None
+        for route in candidates:
+            credit = self._credit.get(route.key, 0.0) + scores[route.key]
+            self._credit[route.key] = credit
+            if best is None or credit > self._credit[best.key]:
+                best = route
+        assert best is not None
+        self._credit[best.key] -= total
+        # keep credits bounded when candidate sets change between requests
+        if abs(self._credit[best.key]) > 1e6 * total:
+            self._credit.clear()
+        return best
+
     def _ranked(self, routes: list[Route], scores: dict[str, float]) -> list[Route]:
-        return sorted(routes, key=lambda r: (-scores[r.key], r.order))
+        # ties (equal weights) go to the route the round-robin owes most traffic, so the
+        # fallback traffic of a failing provider spreads the way the weights say
+        return sorted(routes, key=lambda r: (-scores[r.key], -self._credit.get(r.key, 0.0), r.order))
 
     def plan(
         self,
@@ -199,18 +227,21 @@ class Router:
             ]
         tiers_in_order = [[r for r in group if r.key not in avoid] for group in tiers_in_order]
         scores = {
-            r.key: self.score(r, hints, snapshot.get(r.provider_name))
+            r.key: self.score(r, hints, snapshot.get(r.provider_name, r.tier))
             for group in tiers_in_order
             for r in group
         }
         first_group = next((g for g in tiers_in_order if g), None)
         if first_group is None:
             raise NoEligibleRoute("no upstream satisfies the model and routing constraints")
-        chosen = self._draw(first_group, scores)
+        chosen = self._pick(first_group, scores)
         explored = False
         if len(first_group) > 1 and self.rng.random() < self.exploration_rate():
+            # explore where we know least: among the other routes, proportional to
+            # 1 / (1 + requests seen in the window), so a route the weights starve (a
+            # provider coming back after a failure) gets most of the exploration
             others = [r for r in first_group if r.key != chosen.key]
-            chosen = self.rng.choice(others)
+            chosen = self._draw(others, {r.key: 1.0 / (1 + self.health.stats(r.key).requests) for r in others})
             explored = True
         ordered = [chosen]
         for group in tiers_in_order:

@@ -20,14 +20,26 @@ from gateway.config import RoutingConfig
 
 @dataclass(frozen=True, slots=True)
 class WeightSnapshot:
-    """Non-negative weight per provider name, with where and when it came from."""
+    """Non-negative weight per provider name, with where and when it came from.
+
+    ``by_tier`` (optional) overrides ``weights`` per tier: on chain a provider has one weight
+    per task type, and each tier is a task type. ``stale`` says the source could not refresh
+    for a while and this is its last-known state.
+    """
 
     weights: Mapping[str, float]
     source: str
     as_of: float = field(default_factory=time.time)
+    by_tier: Mapping[str, Mapping[str, float]] | None = None
+    stale: bool = False
 
-    def get(self, provider: str) -> float:
+    def get(self, provider: str, tier: str | None = None) -> float:
+        if self.by_tier is not None and tier is not None and tier in self.by_tier:
+            return float(self.by_tier[tier].get(provider, 0.0))
         return float(self.weights.get(provider, 0.0))
+
+    def age_s(self) -> float:
+        return max(0.0, time.time() - self.as_of)
 
 
 class WeightSource(Protocol):

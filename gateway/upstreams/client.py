@@ -21,7 +21,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.config import ProviderConfig
@@ -55,11 +55,12 @@ class UpstreamFailure(Exception):
 
 @dataclass(slots=True)
 class Completion:
-    """A non-streaming answer: the exact bytes and their parsed form."""
+    """A non-streaming answer: the exact bytes, their parsed form, the response headers."""
 
     raw: bytes
     data: dict
     latency_ms: float
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 def _client_message(raw: bytes) -> str:
@@ -149,9 +150,13 @@ class UpstreamClient:
             self._targets[cache_key] = target
         return target
 
-    async def _open(self, provider: ProviderConfig, body: bytes, stream: bool) -> Response:
+    async def _open(
+        self, provider: ProviderConfig, body: bytes, stream: bool, headers: dict[str, str] | None = None
+    ) -> Response:
         target = self._target(provider)
         extra = b"Accept: text/event-stream\r\n" if stream else b"Accept: application/json\r\n"
+        if headers:
+            extra += "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
         try:
             async with asyncio.timeout(provider.first_byte_timeout_s):
                 response = await self._http.request(
@@ -181,12 +186,14 @@ class UpstreamClient:
             raise UpstreamFailure("status", f"HTTP {response.status}", response.status)
         return response
 
-    async def complete(self, provider: ProviderConfig, body: bytes) -> Completion:
+    async def complete(
+        self, provider: ProviderConfig, body: bytes, headers: dict[str, str] | None = None
+    ) -> Completion:
         started = time.perf_counter()
         response: Response | None = None
         try:
             async with asyncio.timeout(provider.total_timeout_s):
-                response = await self._open(provider, body, stream=False)
+                response = await self._open(provider, body, stream=False, headers=headers)
                 raw = await response.read()
         except TimeoutError as exc:
             if response is not None:
@@ -200,12 +207,15 @@ class UpstreamClient:
             raise UpstreamFailure("malformed", "response is not JSON") from exc
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
             raise UpstreamFailure("malformed", "response has no choices list")
-        return Completion(raw=raw, data=data, latency_ms=(time.perf_counter() - started) * 1000)
+        return Completion(raw=raw, data=data, latency_ms=(time.perf_counter() - started) * 1000,
+                          headers=dict(response.headers))
 
-    async def stream(self, provider: ProviderConfig, body: bytes) -> EventStream:
+    async def stream(
+        self, provider: ProviderConfig, body: bytes, headers: dict[str, str] | None = None
+    ) -> EventStream:
         """Open a stream and wait (within the first-byte timeout) for its first event."""
         started = time.perf_counter()
-        response = await self._open(provider, body, stream=True)
+        response = await self._open(provider, body, stream=True, headers=headers)
         parser = SSEParser()
         first: list[bytes] = []
         try:

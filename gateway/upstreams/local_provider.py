@@ -19,12 +19,13 @@ upstream" of the overhead benchmark.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -61,6 +62,12 @@ class StandInBehaviour(BaseModel):
     )
     fixed_answer: str | None = Field(
         default=None, description="answer exactly this text (cascade tests)"
+    )
+    # The Pura sidecar (gateway.chain.receipts): with a sink key, the stand-in signs the
+    # receipt terms the gateway sends in X-Pura-Receipt-Request for what it actually served.
+    sink_key: str | None = Field(default=None, description="the provider's sink private key (hex)")
+    receipt_mode: Literal["honest", "forge", "omit"] = Field(
+        default="honest", description="sign honestly, return a forged signature, or return none (tests)"
     )
 
 
@@ -163,7 +170,7 @@ class LocalProviderApp:
                 ],
             })
         elif method == "POST" and path == "/v1/chat/completions":
-            await self._chat(body, send)
+            await self._chat(body, send, headers.get("x-pura-receipt-request"))
         elif method == "GET" and path == "/health":
             await _json(send, 200, {"status": "ok", "stand_in": True})
         else:
@@ -191,7 +198,30 @@ class LocalProviderApp:
 
     # ---- chat completions
 
-    async def _chat(self, body: bytes, send: Any) -> None:
+    def _sink_signature(self, terms_header: str | None, usage: dict, answer: str) -> str | None:
+        """The sidecar: sign the gateway's receipt terms for what was served (or misbehave,
+        when a test asks it to)."""
+        b = self.state.behaviour
+        if not terms_header or not b.sink_key or b.receipt_mode == "omit":
+            return None
+        from eth_account import Account
+
+        from gateway.chain.receipts import ReceiptTerms, sign_as_sink
+
+        try:
+            terms = ReceiptTerms.decode(terms_header)
+        except (ValueError, TypeError, KeyError):
+            return None
+        if Account.from_key(b.sink_key).address.lower() != terms.sink.lower():
+            return None  # not our sink: sign nothing
+        digest = hashlib.sha256(answer.encode("utf-8")).hexdigest()
+        receipt = terms.receipt_for_usage(usage["prompt_tokens"], usage["completion_tokens"], digest)
+        if b.receipt_mode == "forge":
+            # claims more than was served: the gateway must refuse it
+            receipt = dataclasses.replace(receipt, amount=receipt.amount * 2 + 1)
+        return sign_as_sink(terms, receipt, b.sink_key)
+
+    async def _chat(self, body: bytes, send: Any, receipt_terms: str | None = None) -> None:
         state = self.state
         b = state.behaviour
         state.requests += 1
@@ -283,7 +313,9 @@ class LocalProviderApp:
             }
             if b.report_usage:
                 payload["usage"] = usage
-            await _json(send, 200, payload)
+            signature = self._sink_signature(receipt_terms, usage, message_text(message))
+            extra = [(b"x-pura-sink-signature", signature.encode())] if signature else []
+            await _json(send, 200, payload, extra)
             return
         await send({
             "type": "http.response.start",
@@ -330,9 +362,18 @@ class LocalProviderApp:
                         await send({"type": "http.response.body", "body": b"", "more_body": False})
                         return
                     await emit(chunk({"content": piece}, None, i))
+            if i == n - 1:
+                continue  # the last finish chunk may carry the signature (below)
             await emit(chunk({}, finish, i))
+        streamed = (message_text({"tool_calls": tool_calls}) if tool_calls else "".join(pieces))
+        signature = self._sink_signature(receipt_terms, usage, streamed)
         options = request.get("stream_options") or {}
-        if b.report_usage and isinstance(options, dict) and options.get("include_usage"):
+        wants_usage = b.report_usage and isinstance(options, dict) and options.get("include_usage")
+        last = json.loads(chunk({}, finish, n - 1)[6:])
+        if signature and not wants_usage:
+            last["pura_sink_signature"] = signature
+        await emit(b"data: " + json.dumps(last).encode() + b"\n\n")
+        if wants_usage:
             obj = {
                 "id": rid,
                 "object": "chat.completion.chunk",
@@ -342,6 +383,8 @@ class LocalProviderApp:
                 "choices": [],
                 "usage": usage,
             }
+            if signature:
+                obj["pura_sink_signature"] = signature
             await emit(b"data: " + json.dumps(obj).encode() + b"\n\n")
         await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
 
@@ -350,11 +393,13 @@ def _error(message: str, type_: str, code: str | None) -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
 
 
-async def _json(send: Any, status: int, payload: dict) -> None:
-    await _raw(send, status, json.dumps(payload).encode(), "application/json")
+async def _json(send: Any, status: int, payload: dict, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    await _raw(send, status, json.dumps(payload).encode(), "application/json", extra)
 
 
-async def _raw(send: Any, status: int, body: bytes, content_type: str) -> None:
+async def _raw(
+    send: Any, status: int, body: bytes, content_type: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send({
         "type": "http.response.start",
         "status": status,
@@ -362,6 +407,7 @@ async def _raw(send: Any, status: int, body: bytes, content_type: str) -> None:
             (b"content-type", content_type.encode()),
             (b"content-length", str(len(body)).encode()),
             (b"x-pura-stand-in", b"true"),
+            *(extra or []),
         ],
     })
     await send({"type": "http.response.body", "body": body})

@@ -225,7 +225,22 @@ def test_exploration_respects_hints_and_picks_another_route() -> None:
         plan = router.plan("cheap", Hints(exclude_providers=frozenset({"a"})))
         assert plan.routes[0].provider_name == "b" and not plan.explored  # nothing else to explore
     explored = [p for p in (router.plan("cheap", Hints()) for _ in range(300)) if p.explored]
-    assert explored and all(p.routes[0].provider_name == "a" for p in explored)
+    # exploration replaces the weighted draw (almost always b) by another route of the tier
+    assert explored and all(p.routes[0].tier == "cheap" for p in explored)
+    assert sum(p.routes[0].provider_name == "a" for p in explored) >= len(explored) - 2
+
+
+def test_exploration_favours_the_least_measured_route() -> None:
+    """A route the weights starve (say a provider back from a failure) gets most of the
+    exploration, so it is measured again quickly."""
+    config = _config(("a", "m1", "cheap", "0.1", 1.0), ("b", "m2", "cheap", "0.1", 1.0),
+                     ("c", "m3", "cheap", "0.1", 1.0))
+    router = _router(config, exploration=0.5, weights={"a": 1000, "b": 1, "c": 1})
+    for _ in range(200):  # b has been measured a lot, c not at all
+        router.health.record("b/m2", True, 100)
+    explored = [p.routes[0].provider_name for p in (router.plan("cheap", Hints()) for _ in range(600)) if p.explored]
+    counts = Counter(explored)
+    assert counts["c"] > 10 * max(1, counts["b"])
 
 
 # ---------------------------------------------------------------- windows and quality

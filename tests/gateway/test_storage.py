@@ -82,7 +82,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     # a clean schema for every test
     db.run_sync(lambda tx: [tx.execute(f"DROP TABLE IF EXISTS {t}") for t in (
         "usage_attempts", "usage_records", "reservations", "budget_days", "rate_buckets",
-        "api_keys", "schema_migrations")])
+        "api_keys", "chain_receipts", "chain_nonces", "schema_migrations")])
     db.close_sync()
     yield url
 
