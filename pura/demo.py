@@ -1,179 +1,208 @@
-"""The main job (`./dev demo`): a full protocol lifecycle on a local anvil chain.
+"""The main job (`./dev demo`): the full local stack, on the embedded defaults.
 
-Deploys the five contracts on the embedded local parameters, registers three sinks, has a
-funder stream into the pool and co-sign receipts for the work the sinks deliver, lets one
-sink stop delivering, rebalances every epoch, and prints a table per epoch: smoothed
-capacity, backlog (epochs), weight share, quoted price, paid, verified, escrow level.
-The failed sink's share falls to ~0 within a few epochs and the money goes to the others;
-then it comes back, works off its backlog and regains its share. Ends with claims and a
-to-the-wei conservation check.
+A local anvil chain with the five contracts; three LOCAL STAND-IN providers registered as
+sinks with their own keys (one signs its receipts through the Pura sidecar, two through the
+gateway's keystore); the gateway in front of them, on chain: it reads its routing weights from
+the pool, queues a dual-signed receipt for every answer, submits them in batches, keeps its
+pool funded and rebalances when an epoch is due. A workload of chat requests goes through the
+official `openai` client. Midway one provider starts failing its chat requests (while still
+answering health checks); later it recovers. Per epoch the run prints each provider's routed
+requests, receipts verified on chain, backlog, weight share and paid share; at the end the
+gateway's income statement, and a chart of the shares (bench/out/demo_shares.png).
 
-Until the gateway drives the chain (a later issue), the funder is this script: it signs a
-receipt for exactly the work each sink delivered in the epoch.
+Chain time is moved through each epoch as the requests go (an epoch is an hour of chain time,
+a few seconds of wall time), so streams accrue as answers are served, as they would live.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 from ape import accounts, chain, networks, project
 
-from pura.deploy import deploy_protocol
-from pura.market import expected_pay
-from pura.params import ProtocolParams, TaskTypeParams
-from pura.signing import Receipt, task_type_id
-
-USDC = 10**6
-TASK = "llm.cheap"
-EPOCH = 3600
-PARAMS = ProtocolParams(
-    epoch_length=EPOCH,
-    alpha_wad=3 * 10**17,
-    unbonding_period=7 * 86400,
-    tolerance_bps=20_000,
-    min_funding=USDC,
-    escrow_min_deposit=USDC,
-    slash_bps=5_000,
-    slash_threshold_bps=10_000,
-    task_types=(TaskTypeParams(TASK, 100 * USDC, USDC, 10_000, 100, 10**9, 1_000 * USDC),),
+from pura.signing import task_type_id
+from pura.stack import (
+    STACK_PRICES,
+    chain_config,
+    deploy_stack,
+    fund_source,
+    gateway_status,
+    register_sinks,
+    run_epoch,
+    warm,
 )
-NAMES = ["sink-a", "sink-b", "sink-c"]
-CAPACITIES = [120, 100, 80]
+
+OUT = Path(__file__).resolve().parent.parent / "bench" / "out"
+CHEAP = task_type_id("llm.cheap")
+NAMES = ["p1", "p2", "p3"]
+PROMPTS = [
+    "What is a capacity signal?", "Name a fruit.", "Say hello in French.", "What is 2 + 2?",
+    "Give me a synonym for fast.", "What colour is the sky?", "Translate cat to Spanish.",
+    "What day comes after Monday?",
+]
 
 
-class Demo:
-    def __init__(self, fail_at: int, recover_at: int, epochs: int):
-        self.fail_at, self.recover_at, self.epochs = fail_at, recover_at, epochs
-        self.owner, self.keeper = accounts.test_accounts[0], accounts.test_accounts[7]
-        self.funder = accounts.test_accounts[5]
-        self.sinks = [accounts.test_accounts[2 + i] for i in range(3)]
-        self.task = task_type_id(TASK)
-        self.p = deploy_protocol(project, self.owner, PARAMS, treasury=accounts.test_accounts[1].address)
-        self.genesis = self.p.registry.GENESIS()
-        self.nonce = 0
-        for a in self.sinks + [self.funder]:
-            self.p.token.mint(a, 100_000 * USDC, sender=self.owner)
-            for spender in (self.p.registry, self.p.pool, self.p.escrow):
-                self.p.token.approve(spender, 2**256 - 1, sender=a)
+def build(workdir: Path, requests_per_epoch: int):
+    from gateway.config import ModelConfig, RoutingConfig
+    from gateway.devstack import start_local_stack
+    from gateway.upstreams.local_provider import StandInBehaviour
 
-    def epoch(self) -> int:
-        return (chain.blocks.head.timestamp - self.genesis) // EPOCH
-
-    def at(self, epoch: int, offset: int):
-        chain.pending_timestamp = self.genesis + epoch * EPOCH + offset
-        chain.mine()
-
-    def setup(self):
-        reg = self.p.registry
-        for sink, cap in zip(self.sinks, CAPACITIES):
-            reg.register_sink(self.task, max(cap, 100) * USDC, cap, sender=sink)
-        self.at(self.epoch() + 15, 1)  # the smoothed signal ramps to ~99 % of the declarations
-        self.p.pool.rebalance(self.task, sender=self.keeper)
-        fee = self.p.pricing.base_fee(self.task)
-        per_epoch = int(0.7 * sum(CAPACITIES) * fee)  # demand at 70 % of capacity
-        self.p.pool.fund(self.task, 10_000 * USDC, per_epoch // EPOCH, sender=self.funder)
-
-    def run_epoch(self, k: int) -> dict:
-        """The sinks work through epoch k; receipts are relayed 10 s before it closes."""
-        p, task = self.p, self.task
-        working = [not (i == 1 and self.fail_at <= k < self.recover_at) for i in range(3)]
-        self.at(self.epoch() + 1, -10)
-        pay = expected_pay(p.pool, p.pricing, task, self.sinks, [self.funder], 11)
-        room = p.pool.funder_room(task, self.funder)
-        receipts, delivered = [], [0, 0, 0]
-        for i, (sink, amount) in enumerate(zip(self.sinks, pay)):
-            if not working[i] or amount == 0:
-                continue
-            # a recovering sink also works off what it was paid and did not deliver
-            backlog_money = p.pool.position(task, sink).backlog * p.pricing.base_fee(task) // 10**9
-            amount = min(amount + backlog_money, room)
-            room -= amount
-            delivered[i] = amount
-            r = Receipt(task, sink.address, self.funder.address, self.nonce.to_bytes(32, "big"), amount,
-                        bytes(32), self.nonce, chain.blocks.head.timestamp + 3 * EPOCH)
-            self.nonce += 1
-            cid, tr = chain.chain_id, p.tracker.address
-            receipts.append(r.as_call_arg(r.sign(sink.private_key, cid, tr), r.sign(self.funder.private_key, cid, tr)))
-        if receipts:
-            p.tracker.submit_receipts(task, receipts, sender=self.keeper)
-        self.at(self.epoch() + 1, 1)
-        before = [p.pool.position(task, s).unclaimed for s in self.sinks]
-        tx = p.pool.rebalance(task, sender=self.keeper)
-        ev = p.pool.Rebalanced.from_receipt(tx)[0]
-        slashed = {e.sink: e.taken for e in p.tracker.ShortfallSlashed.from_receipt(tx)}
-        rows = []
-        units = [p.pool.position(task, s).units for s in self.sinks]
-        for i, sink in enumerate(self.sinks):
-            pos = p.pool.position(task, sink)
-            cap = p.registry.smoothed_capacity_wad(task, sink) // 10**9
-            rows.append({
-                "sink": NAMES[i],
-                "working": working[i],
-                "capacity": p.registry.smoothed_capacity(task, sink),
-                "backlog_epochs": pos.backlog / cap if cap else 0.0,
-                "share": units[i] / sum(units) if sum(units) else 0.0,
-                "price": p.pricing.price(task, sink),
-                "paid": pos.unclaimed - before[i],
-                "verified": delivered[i],
-                "slashed": slashed.get(sink.address, 0),
-            })
-        return {"epoch": k, "fee": ev.fee, "inflow": ev.inflow, "to_escrow": ev.to_escrow,
-                "escrow": p.escrow.level(task), "rows": rows}
-
-    def conservation(self) -> list[str]:
-        p, t = self.p, self.p.token
-        checks = [
-            ("pool", t.balanceOf(p.pool), p.pool.liabilities(self.task)),
-            ("escrow", t.balanceOf(p.escrow), p.escrow.total_held()),
-            ("registry", t.balanceOf(p.registry), p.registry.total_bonded() + p.registry.treasury_accrued()),
-        ]
-        out = []
-        for name, held, owed in checks:
-            out.append(f"  {name:9s} holds {held:>14,} owes {owed:>14,}  {'exact' if held == owed else 'MISMATCH'}")
-            assert held == owed, f"{name}: holds {held}, owes {owed}"
-        return out
+    acc = accounts.test_accounts
+    st = deploy_stack(project, acc, workdir)
+    # capacity sized to the workload: an answer is ~0.75 task at the starting fee, so each of
+    # the three sinks declaring a third of the requests is ~75 % utilised
+    capacity = max(1, requests_per_epoch // 3)
+    register_sinks(st, {n: (acc[2 + i], capacity, ["cheap"]) for i, n in enumerate(NAMES)})
+    fund_source(st)
+    warm(st)
+    os.environ["PURA_DEMO_SINK_P2"] = acc[3].private_key
+    os.environ["PURA_DEMO_SINK_P3"] = acc[4].private_key
+    models = [ModelConfig(id="stand-in-small", tier="cheap", **STACK_PRICES)]
+    stand_ins = {
+        "p1": (StandInBehaviour(models=["stand-in-small"], sink_key=acc[2].private_key), models),
+        "p2": (StandInBehaviour(models=["stand-in-small"]), models),
+        "p3": (StandInBehaviour(models=["stand-in-small"]), models),
+    }
+    extras = {
+        "p1": {"sink": acc[2].address, "sink_signer": "sidecar"},
+        "p2": {"sink": acc[3].address, "sink_key_env": "PURA_DEMO_SINK_P2"},
+        "p3": {"sink": acc[4].address, "sink_key_env": "PURA_DEMO_SINK_P3"},
+    }
+    routing = RoutingConfig.model_validate({"chain": chain_config(st)})
+    gw = start_local_stack(stand_ins=stand_ins, routing=routing, provider_extras=extras,
+                           rate_limit_per_min=1_000_000, daily_budget_usd="100000", routing_seed=7)
+    return st, gw, {n: acc[2 + i].address for i, n in enumerate(NAMES)}
 
 
-def money(x: int) -> str:
-    return f"{x / USDC:9.4f}"
+def epoch_row(st, gw, sinks: dict[str, str], routed: dict[str, int], first_block: int, paid_before: dict) -> dict:
+    p = st.proto
+    verified = dict.fromkeys(NAMES, 0)
+    by_sink = {v: k for k, v in sinks.items()}
+    for ev in p.tracker.ReceiptRecorded.range(first_block, chain.blocks.head.number + 1):
+        if ev.task_type == CHEAP:
+            verified[by_sink[ev.sink]] += 1
+    views = {v.provider: v for v in gw.services.chain.weights.state.sinks}
+    units_total = sum(v.units for v in views.values()) or 1
+    paid = {n: p.pool.position(CHEAP, sinks[n]).unclaimed for n in NAMES}  # nobody claims during the run
+    paid_epoch = {n: paid[n] - paid_before.get(n, 0) for n in NAMES}
+    total_paid = sum(paid_epoch.values()) or 1
+    return {
+        "routed": routed,
+        "receipts": verified,
+        "backlog_epochs": {n: (views[n].backlog / views[n].capacity if views[n].capacity else 0.0) for n in NAMES},
+        "weight_share": {n: views[n].units / units_total for n in NAMES},
+        "paid_share": {n: paid_epoch[n] / total_paid for n in NAMES},
+        "paid_total": paid,
+    }
 
 
-def render(ep: dict) -> str:
-    head = (f"epoch {ep['epoch']:2d}   base fee {ep['fee'] / USDC:.6f}/task   inflow {money(ep['inflow'])}   "
-            f"to escrow {money(ep['to_escrow'])}   escrow level {money(ep['escrow'])}")
-    lines = [head, f"  {'sink':8s} {'state':8s} {'capacity':>8s} {'backlog':>8s} {'share':>7s} {'price':>9s} "
-                   f"{'paid':>9s} {'verified':>9s} {'slashed':>9s}"]
-    for r in ep["rows"]:
-        lines.append(f"  {r['sink']:8s} {'working' if r['working'] else 'FAILED':8s} {r['capacity']:8d} "
-                     f"{r['backlog_epochs']:8.2f} {r['share'] * 100:6.1f}% {r['price'] / USDC:9.6f} "
-                     f"{money(r['paid'])} {money(r['verified'])} {money(r['slashed'])}")
+def render(k: int, state: str, row: dict, fee: int) -> str:
+    lines = [f"epoch {k:2d}  [{state}]  base fee {fee} base units/task"]
+    lines.append(f"  {'provider':8s} {'routed':>6s} {'receipts':>8s} {'backlog':>8s} {'weight':>7s} {'paid':>7s}")
+    for n in NAMES:
+        lines.append(f"  {n:8s} {row['routed'][n]:6d} {row['receipts'][n]:8d} {row['backlog_epochs'][n]:8.2f} "
+                     f"{row['weight_share'][n] * 100:6.1f}% {row['paid_share'][n] * 100:6.1f}%")
     return "\n".join(lines)
 
 
+def chart(history: list[dict], fail_at: int, recover_at: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = list(range(len(history)))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for n in NAMES:
+        axes[0].plot(epochs, [h["weight_share"][n] * 100 for h in history], marker="o", label=n)
+        routed_total = [sum(h["routed"].values()) or 1 for h in history]
+        axes[1].plot(epochs, [h["routed"][n] * 100 / t for h, t in zip(history, routed_total)], marker="o", label=n)
+    for ax, title in zip(axes, ("on-chain weight share (pool units)", "routed traffic share (gateway)")):
+        ax.axvspan(fail_at - 0.5, recover_at - 0.5, color="red", alpha=0.08, label="p2 failing")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("%")
+    axes[0].legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=14)
-    ap.add_argument("--fail-at", type=int, default=3, help="epoch at which sink-b stops delivering")
-    ap.add_argument("--recover-at", type=int, default=9, help="epoch at which sink-b works again")
+    ap = argparse.ArgumentParser(description="Pura full local stack: chain, contracts, gateway, providers.")
+    ap.add_argument("--epochs", type=int, default=17)
+    ap.add_argument("--fail-at", type=int, default=3, help="epoch at which p2 starts failing")
+    ap.add_argument("--recover-at", type=int, default=9, help="epoch at which p2 works again")
+    ap.add_argument("--requests", type=int, default=30, help="requests per epoch")
     args = ap.parse_args(argv)
+    import openai
+
+    started = time.monotonic()
     with networks.parse_network_choice("ethereum:local:foundry"):
-        demo = Demo(args.fail_at, args.recover_at, args.epochs)
-        print("Pura lifecycle on a local anvil chain: 3 sinks, one funder streaming ~70 % of capacity.")
-        print(f"sink-b stops delivering at epoch {args.fail_at} and works again at epoch {args.recover_at}.\n")
-        demo.setup()
-        history = []
-        for k in range(args.epochs):
-            ep = demo.run_epoch(k)
-            history.append(ep)
-            print(render(ep) + "\n")
-        print("sink-b's weight share by epoch: " + " ".join(f"{ep['rows'][1]['share'] * 100:.1f}%" for ep in history))
-        for s, name in zip(demo.sinks, NAMES):
-            got = demo.p.pool.claim(demo.task, sender=s)
-            print(f"{name} claimed {money(demo.p.pool.Claimed.from_receipt(got)[0].amount)}")
-        demo.p.pool.close_stream(demo.task, sender=demo.funder)
-        print("conservation to the wei:")
-        print("\n".join(demo.conservation()))
+        workdir = Path(tempfile.mkdtemp(prefix="pura-demo-"))
+        print("Starting: anvil, the five contracts, three LOCAL STAND-IN providers as sinks, the gateway...")
+        st, gw, sinks = build(workdir, args.requests)
+        try:
+            client = openai.OpenAI(base_url=gw.base_url, api_key=gw.api_key)
+            print(f"gateway {gw.base_url}  chain {st.rpc_url}  (epoch = {st.epoch_length} s of chain time)\n")
+            history: list[dict] = []
+            paid_before: dict = {}
+            below_5_at = None
+
+            def ask(tag: str) -> None:
+                prompt = PROMPTS[hash(tag) % len(PROMPTS)] + f" ({tag})"
+                stream = hash(tag) % 3 == 0
+                r = client.chat.completions.with_raw_response.create(
+                    model="auto", messages=[{"role": "user", "content": prompt}], stream=stream)
+                if stream:
+                    for _ in r.parse():
+                        pass
+
+            for k in range(args.epochs):
+                failing = args.fail_at <= k < args.recover_at
+                gw.providers["p2"].configure(failure_rate=1.0 if failing else 0.0)
+                before = {n: gw.providers[n].stats()["requests"] for n in NAMES}
+                first_block = chain.blocks.head.number + 1
+                fee = st.proto.pricing.base_fee(CHEAP)
+                run_epoch(st, gw, ask, args.requests)
+                routed = {n: gw.providers[n].stats()["requests"] - before[n] for n in NAMES}
+                row = epoch_row(st, gw, sinks, routed, first_block, paid_before)
+                paid_before = dict(row["paid_total"])
+                history.append(row)
+                state = "p2 FAILING" if failing else ("p2 recovering" if k >= args.recover_at else "healthy")
+                print(render(k, state, row, fee) + "\n")
+                if failing and below_5_at is None and row["weight_share"]["p2"] < 0.05:
+                    below_5_at = k
+            s = gateway_status(gw.base_url)["chain"]
+            print("p2 weight share by epoch: " + " ".join(f"{h['weight_share']['p2'] * 100:.1f}%" for h in history))
+            if below_5_at is not None:
+                lag = below_5_at - args.fail_at + 1
+                print(f"p2 fell below 5 % of the weight {lag} epoch(s) after it started failing "
+                      f"({lag * st.epoch_length} s of chain time)")
+            print(f"receipts: {s['batcher']['confirmed']} confirmed on chain in {s['batcher']['batches_sent']} "
+                  f"batches, {s['batcher']['gas_used'] // max(1, s['batcher']['confirmed']):,} gas per receipt; "
+                  f"{s['rejected_sink_signatures']} refused for a bad sink signature")
+            import httpx
+
+            income = httpx.get(gw.base_url.removesuffix("/v1") + "/api/income",
+                               headers={"Authorization": f"Bearer {gw.api_key}", "Accept": "text/plain"}, timeout=10)
+            print("\n" + income.text)
+            OUT.mkdir(parents=True, exist_ok=True)
+            chart(history, args.fail_at, args.recover_at, OUT / "demo_shares.png")
+            (OUT / "demo.json").write_text(json.dumps({"history": history, "below_5_at": below_5_at,
+                                                       "status": s}, indent=1, default=str))
+            print(f"chart: {OUT / 'demo_shares.png'}   data: {OUT / 'demo.json'}   "
+                  f"({time.monotonic() - started:.0f} s)")
+        finally:
+            gw.stop()
     return 0
 
 

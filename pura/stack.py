@@ -149,3 +149,60 @@ def chain_config(stack: ChainStack, **overrides) -> dict:
     }
     cfg.update(overrides)
     return cfg
+
+
+# --------------------------------------------------------------------------- driving a stack
+
+
+def gateway_status(base_url: str) -> dict:
+    import httpx
+
+    return httpx.get(base_url.removesuffix("/v1") + "/api/status", timeout=5).json()
+
+
+def wait_until(predicate, timeout_s: float = 30.0, interval_s: float = 0.2, what: str = "condition"):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def drained(base_url: str) -> bool:
+    out = gateway_status(base_url)["chain"]["outbox"]
+    return out.get("queued", 0) == 0 and out.get("sent", 0) == 0
+
+
+def settled(base_url: str) -> bool:
+    """Drained, or what is left waits for pool capacity (overload: the sinks cannot absorb
+    more money this epoch, so the keeper does not top up and those receipts wait)."""
+    s = gateway_status(base_url)["chain"]
+    out = s["outbox"]
+    if out.get("sent", 0):
+        return False
+    return out.get("queued", 0) == 0 or (s["keeper"] or {}).get("waiting_for_capacity", 0) > 0
+
+
+def run_epoch(st: ChainStack, gw, ask, n_requests: int, slices: int = 10, label: str = "") -> None:
+    """One epoch of traffic with chain time moving through it (so streams accrue as
+    receipts arrive, as in real time), then the next epoch starts, the gateway's keeper
+    rebalances and its weights refresh. `gw` is a gateway.devstack.LocalStack."""
+    svc = gw.services.chain
+    epoch = st.epoch()
+    per = max(1, n_requests // slices)
+    sent = 0
+    for k in range(slices):
+        for _ in range(per if k < slices - 1 else n_requests - sent):
+            ask(f"{label}{epoch}-{sent}")
+            sent += 1
+        st.goto(epoch, offset=(k + 1) * st.epoch_length // slices - 5)
+    wait_until(lambda: settled(gw.base_url), what="receipts confirmed (or waiting for capacity)")
+    rebalances = svc.keeper.rebalances
+    st.goto(epoch + 1)
+    wait_until(lambda: svc.keeper.rebalances > rebalances, what="the keeper's rebalance")
+    refreshed = svc.weights.state.as_of
+    wait_until(lambda: svc.weights.state.as_of > refreshed, what="weights after the rebalance")

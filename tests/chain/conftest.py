@@ -18,7 +18,8 @@ from gateway.config import ModelConfig, RoutingConfig
 from gateway.devstack import start_local_stack
 from gateway.upstreams.local_provider import StandInBehaviour
 from pura.signing import task_type_id
-from pura.stack import STACK_PRICES, chain_config, deploy_stack, fund_source, register_sinks, warm
+from pura.stack import STACK_PRICES, chain_config, deploy_stack, fund_source, gateway_status, register_sinks, run_epoch, warm, wait_until
+from pura.stack import drained as _drained
 
 CHEAP = task_type_id("llm.cheap")
 MODELS = [ModelConfig(id="stand-in-small", tier="cheap", **STACK_PRICES)]
@@ -62,32 +63,11 @@ def gateway(st, accounts, *, chain_overrides=None, behaviour=None, routing=None,
 
 
 def status(stack) -> dict:
-    return httpx.get(stack.base_url.removesuffix("/v1") + "/api/status", timeout=5).json()
-
-
-def wait_until(predicate, timeout_s=30.0, interval_s=0.2, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out waiting for {what}")
+    return gateway_status(stack.base_url)
 
 
 def drained(stack) -> bool:
-    out = status(stack)["chain"]["outbox"]
-    return out.get("queued", 0) == 0 and out.get("sent", 0) == 0
-
-
-def settled(stack) -> bool:
-    """Drained, or what is left waits for pool capacity (overload: the sinks cannot absorb
-    more money this epoch, so the keeper does not top up and those receipts wait)."""
-    s = status(stack)["chain"]
-    out = s["outbox"]
-    if out.get("sent", 0):
-        return False
-    return out.get("queued", 0) == 0 or (s["keeper"] or {}).get("waiting_for_capacity", 0) > 0
+    return _drained(stack.base_url)
 
 
 class TcpProxy:
@@ -141,22 +121,3 @@ class TcpProxy:
             await self._server.wait_closed()
         asyncio.run_coroutine_threadsafe(halt(), self._loop).result(5)
 
-
-def run_epoch(st, gw, ask, n_requests: int, slices: int = 10, label: str = "") -> None:
-    """One epoch of traffic with chain time moving through it (so streams accrue as
-    receipts arrive, as in real time), then the next epoch starts and the keeper rebalances."""
-    svc = gw.services.chain
-    epoch = st.epoch()
-    per = max(1, n_requests // slices)
-    sent = 0
-    for k in range(slices):
-        for _ in range(per if k < slices - 1 else n_requests - sent):
-            ask(f"{label}{epoch}-{sent}")
-            sent += 1
-        st.goto(epoch, offset=(k + 1) * st.epoch_length // slices - 5)
-    wait_until(lambda: settled(gw), what="receipts confirmed (or waiting for capacity)")
-    rebalances = svc.keeper.rebalances
-    st.goto(epoch + 1)
-    wait_until(lambda: svc.keeper.rebalances > rebalances, what="the keeper's rebalance")
-    refreshed = svc.weights.state.as_of
-    wait_until(lambda: svc.weights.state.as_of > refreshed, what="weights after the rebalance")
