@@ -172,7 +172,10 @@ class ChainClient:
                         "chainId": self.deployment.chain_id,
                     }
                     if gas is None:
-                        params["gas"] = int(await fn.estimate_gas({"from": self.account.address}) * 1.25) + 10_000
+                        # generous: a rebalance estimated against the latest block can need twice
+                        # as much by the time it is mined (a stream settled, money overflowing);
+                        # unused gas is not charged
+                        params["gas"] = int(await fn.estimate_gas({"from": self.account.address}) * 2) + 100_000
                     else:
                         params["gas"] = gas
                     block = await self.w3.eth.get_block("latest")

@@ -11,7 +11,7 @@ import openai
 import pytest
 from ape import chain
 
-from conftest import CHEAP, TcpProxy, drained, gateway, run_epoch, status, wait_until
+from .conftest import CHEAP, TcpProxy, drained, gateway, run_epoch, status, wait_until
 from gateway.chain.abi import CONTRACTS, abi, compiled
 
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 from ape import chain
 
-from conftest import CHEAP, MODELS, provider_setup, wait_until
+from .conftest import CHEAP, MODELS, provider_setup, wait_until
 from gateway.devstack import create_key, free_port, start_stand_in
 from pura.stack import chain_config
 

@@ -4,7 +4,7 @@ import ape
 from ape import chain
 from eth_utils import keccak
 
-from conftest import CHEAP, PREMIUM, USDC, WAD, own_events
+from .conftest import CHEAP, PREMIUM, USDC, WAD, own_events
 
 EXPIRED, NOT_REGISTERED, STALE, BAD_SIG = 1, 2, 3, 4
 

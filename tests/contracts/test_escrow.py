@@ -3,7 +3,7 @@
 import ape
 from ape import chain
 
-from conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events
+from .conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events
 from pura.signing import task_type_id
 
 

@@ -5,7 +5,7 @@ import ape
 import pytest
 from ape import chain
 
-from conftest import CHEAP, PARAMS, USDC, assert_conserved, hot, warm_market
+from .conftest import CHEAP, PARAMS, USDC, assert_conserved, hot, warm_market
 from pura.deploy import deploy_protocol
 
 

@@ -3,7 +3,7 @@
 import ape
 from ape import chain
 
-from conftest import CHEAP, PREMIUM, USDC, WAD, absorbable, assert_conserved, hot, own_events, split, warm_market
+from .conftest import CHEAP, PREMIUM, USDC, WAD, absorbable, assert_conserved, hot, own_events, split, warm_market
 
 
 def test_constructor_and_wiring(pool, registry, pricing, escrow, tracker, token):

@@ -3,7 +3,7 @@
 import ape
 from ape import chain
 
-from conftest import CHEAP, PREMIUM, USDC, WAD, hot, own_events, warm_market
+from .conftest import CHEAP, PREMIUM, USDC, WAD, hot, own_events, warm_market
 from pura.signing import task_type_id
 
 

@@ -8,7 +8,7 @@ import pytest
 from ape import chain
 from hypothesis import assume, example, given, settings, strategies as st
 
-from conftest import CHEAP, USDC, WAD, hot, split, warm_market
+from .conftest import CHEAP, USDC, WAD, hot, split, warm_market
 
 BPS = 10_000
 

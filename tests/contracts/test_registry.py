@@ -4,7 +4,7 @@ import ape
 import pytest
 from ape import chain
 
-from conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events
+from .conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events
 from pura.signing import task_type_id
 
 ALPHA = 3 * 10**17

@@ -3,7 +3,7 @@ shortfall, once per unit of shortfall; unbonding or leaving does not dodge it.""
 
 import pytest
 
-from conftest import CHEAP, USDC, assert_conserved, hot, warm_market
+from .conftest import CHEAP, USDC, assert_conserved, hot, warm_market
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from ape import chain
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
-from conftest import CHEAP, PREMIUM, USDC, WAD, hot, warm_market
+from .conftest import CHEAP, PREMIUM, USDC, WAD, hot, warm_market
 
 LONG = os.environ.get("PURA_HYPOTHESIS_PROFILE") == "long"
 MACHINE = settings(max_examples=60 if LONG else 5, stateful_step_count=80 if LONG else 25)

@@ -6,7 +6,7 @@ from ape import chain
 from eth_account import Account
 from eth_utils import keccak
 
-from conftest import CHEAP, PREMIUM, USDC, hot, own_events, warm_market
+from .conftest import CHEAP, PREMIUM, USDC, hot, own_events, warm_market
 from pura.signing import Receipt, sign_digest
 
 SECP_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -46,6 +46,8 @@ def test_digest_matches_eth_account_typed_data(tracker, sink_a, funder):
     r = Receipt(CHEAP, sink_a.address, funder.address, b"\x01" * 32, 12345, b"\x02" * 32, 7, 10**10)
     assert tracker.receipt_digest(*[CHEAP, r.sink, r.source, r.task_id, r.amount, r.response_hash, r.nonce,
                                     r.deadline]) == r.digest(chain.chain_id, tracker.address)
+    # the gateway's direct encoder agrees with eth_account's generic EIP-712 encoder
+    assert r.digest(chain.chain_id, tracker.address) == r.digest_via_typed_data(chain.chain_id, tracker.address)
     # a wallet signing the typed-data dict produces a signature the contract accepts
     signed = Account.sign_typed_data(sink_a.private_key, full_message=r.typed_data(chain.chain_id, tracker.address))
     assert Account._recover_hash(r.digest(chain.chain_id, tracker.address), signature=signed.signature) == sink_a.address

@@ -9,7 +9,7 @@ import os
 from ape import chain
 from hypothesis import given, settings, strategies as st
 
-from conftest import CHEAP, USDC, hot, warm_market
+from .conftest import CHEAP, USDC, hot, warm_market
 from pura.market import expected_pay
 
 LONG = os.environ.get("PURA_HYPOTHESIS_PROFILE") == "long"

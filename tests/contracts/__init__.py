@@ -1,0 +1,1 @@
+"""Test package (unique module names: several suites have a conftest)."""
