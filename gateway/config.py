@@ -221,6 +221,11 @@ class ChainConfig(BaseModel):
                     "exactly what waiting receipts need, so the pool never pays out money nobody vouches for",
     )
     funding_runway_epochs: float = Field(default=3.0, gt=0, description="top up to this many epochs of streaming")
+    spill_pressure: float = Field(
+        default=0.8, gt=0, le=1.0,
+        description="when a tier's escrow is this full (its sinks cannot absorb the money), auto-routed "
+                    "requests go to the next tier up instead of adding to the backlog",
+    )
     min_stream_rate: int = Field(
         default=20, ge=1,
         description="base units per second below which the gateway does not stream (a rate rounds to "

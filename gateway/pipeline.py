@@ -320,6 +320,11 @@ class ChatPipeline:
             ctx.tier, ctx.tier_reason = classify(
                 ctx.messages, self.config.complexity, ctx.hints.quality
             )
+            # back-pressure from the chain: a saturated tier (its escrow filling because its
+            # sinks cannot absorb more) sends auto-routed work one tier up
+            if self.chain is not None and self.chain.saturated(ctx.tier) and ctx.tier != TIERS[-1]:
+                ctx.tier = TIERS[TIERS.index(ctx.tier) + 1]
+                ctx.tier_reason = "escrow_pressure"
         try:
             if use_cascade:
                 plan = self._cascade_step_plan(ctx, ctx.tier, frozenset())

@@ -1,7 +1,7 @@
 """Contract ABIs the gateway uses, shipped as package data (``gateway/chain/abi/*.json``).
 
 They are exported from the compiled contracts with ``python -m gateway.chain.abi`` (after
-``ape compile``); ``tests/chain/test_abi.py`` fails if they drift from the contracts.
+ape compiles them); ``tests/chain/test_gateway_chain.py`` fails if they drift from the contracts.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 
 CONTRACTS = ("CapacityRegistry", "BackpressurePool", "CompletionTracker", "PricingCurve", "EscrowBuffer", "TestToken")
 HERE = Path(__file__).resolve().parent / "abi"
-BUILD = Path(__file__).resolve().parents[2] / ".build" / "__local__.json"
 
 
 @cache
@@ -22,9 +21,17 @@ def abi(name: str) -> list[dict]:
 
 
 def compiled() -> dict[str, list[dict]]:
-    """ABIs from ape's build manifest (the source of truth)."""
-    types = json.loads(BUILD.read_text())["contractTypes"]
-    return {name: types[name]["abi"] for name in CONTRACTS}
+    """ABIs of the contracts as ape compiles them now (the source of truth).
+
+    Goes through ape's project so a clean clone compiles on demand instead of depending on a
+    ``.build/`` left behind by an earlier run.
+    """
+    from ape import project  # imported here: the gateway itself never needs ape
+
+    return {
+        name: json.loads(getattr(project, name).contract_type.model_dump_json(by_alias=True, exclude_none=True))["abi"]
+        for name in CONTRACTS
+    }
 
 
 def export() -> None:

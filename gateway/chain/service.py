@@ -183,6 +183,13 @@ class ChainService:
             self.batcher.notify()
         return "queued"
 
+    def saturated(self, tier: str) -> bool:
+        """True when the tier's pool is saturated: its escrow is at least `spill_pressure` full
+        (money the sinks cannot absorb is waiting), as of the last weights refresh."""
+        task_type = self.task_types.get(tier)
+        pressure = self.weights.state.escrow_pressure.get(task_type, 0) if task_type else 0
+        return pressure >= int(self.cc.spill_pressure * 10**18)
+
     # ------------------------------------------------------------------ status
 
     async def status(self) -> dict:

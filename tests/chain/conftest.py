@@ -41,11 +41,13 @@ def stack(project, accounts, tmp_path_factory):
 def provider_setup(st, accounts, **behaviour_overrides):
     os.environ["TEST_SINK_P2"] = accounts[3].private_key
     os.environ["TEST_SINK_P3"] = accounts[4].private_key
+    def behaviour(name: str, **base) -> StandInBehaviour:
+        return StandInBehaviour(**({"models": ["stand-in-small"]} | base | behaviour_overrides.get(name, {})))
+
     stand_ins = {
-        "p1": (StandInBehaviour(models=["stand-in-small"], sink_key=accounts[2].private_key,
-                                **behaviour_overrides.get("p1", {})), MODELS),
-        "p2": (StandInBehaviour(models=["stand-in-small"], **behaviour_overrides.get("p2", {})), MODELS),
-        "p3": (StandInBehaviour(models=["stand-in-small"], **behaviour_overrides.get("p3", {})), MODELS),
+        "p1": (behaviour("p1", sink_key=accounts[2].private_key), MODELS),
+        "p2": (behaviour("p2"), MODELS),
+        "p3": (behaviour("p3"), MODELS),
     }
     extras = {"p1": {"sink": accounts[2].address, "sink_signer": "sidecar"},
               "p2": {"sink": accounts[3].address, "sink_key_env": "TEST_SINK_P2"},
@@ -53,8 +55,11 @@ def provider_setup(st, accounts, **behaviour_overrides):
     return stand_ins, extras
 
 
-def gateway(st, accounts, *, chain_overrides=None, behaviour=None, routing=None, seed=11):
+def gateway(st, accounts, *, chain_overrides=None, behaviour=None, routing=None, seed=11, extra_models=None):
     stand_ins, extras = provider_setup(st, accounts, **(behaviour or {}))
+    for name, models in (extra_models or {}).items():
+        behaviour_, current = stand_ins[name]
+        stand_ins[name] = (behaviour_, list(current) + list(models))
     cfg = {"chain": chain_config(st, **(chain_overrides or {}))}
     cfg.update(routing or {})
     return start_local_stack(stand_ins=stand_ins, routing=RoutingConfig.model_validate(cfg),

@@ -136,3 +136,32 @@ def test_rpc_outage_loses_nothing_and_recovers(stack, accounts):
         gw.stop()
         proxy.stop()
     assert len(list(stack.proto.tracker.ReceiptRecorded.range(0, chain.blocks.head.number + 1))) == 16
+
+
+def test_a_saturated_tier_spills_to_the_next(stack, accounts):
+    """Escrow pressure flows back into routing: when the cheap pool's escrow is 80 % full (its
+    sinks cannot absorb the money already offered), auto-routed cheap work goes one tier up;
+    when the pressure is gone it comes back."""
+    from gateway.config import ModelConfig
+    from pura.stack import STACK_PRICES
+
+    p = stack.proto
+    mid = ModelConfig(id="stand-in-medium", tier="mid", **STACK_PRICES)
+    gw = gateway(stack, accounts, behaviour={"p1": {"models": ["stand-in-small", "stand-in-medium"]}},
+                 extra_models={"p1": [mid]})
+    try:
+        client = openai.OpenAI(base_url=gw.base_url, api_key=gw.api_key)
+        assert ask(client, 1)["x-pura-tier"] == "cheap"
+        funder = accounts[6]
+        p.token.mint(funder, 900 * 10**6, sender=stack.owner)
+        p.token.approve(p.escrow, 2**256 - 1, sender=funder)
+        tx = p.escrow.deposit(CHEAP, 850 * 10**6, sender=funder)  # max level 1000
+        svc = gw.services.chain
+        wait_until(lambda: svc.saturated("cheap"), what="the pressure to be seen")
+        h = ask(client, 2)
+        assert h["x-pura-tier"] == "mid" and h["x-pura-provider"] == "p1"
+        p.escrow.withdraw(CHEAP, [p.escrow.EscrowCredited.from_receipt(tx)[0].entry], sender=funder)
+        wait_until(lambda: not svc.saturated("cheap"), what="the pressure to go")
+        assert ask(client, 3)["x-pura-tier"] == "cheap"
+    finally:
+        gw.stop()
