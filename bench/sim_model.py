@@ -185,6 +185,7 @@ class Slot:
     e0: int = 0
     # pool hot word
     units: int = 0
+    sat: bool = False  # backlog hit its cap, no verified work since: units stay 0
     mark_flag: bool = False
     xb: int = BIAS
     unclaimed: int = 0
@@ -409,6 +410,7 @@ class Protocol:
             sl = slots[slot_of[sink]]
             amount = a * TASK_SCALE // fee  # backpressure._to_tasks
             sl.xb = sl.xb - amount if sl.xb > amount else 1
+            sl.sat = False  # verified work clears saturation
         return accepted
 
     # ---------------------------------------------------------- pool.rebalance
@@ -505,12 +507,14 @@ class Protocol:
             sl.unclaimed += p_i
             assert sl.unclaimed <= MASK96
             qcap = c_i * hh // BPS  # backpressure._backlog_cap
+            if q >= qcap and qcap > 0:
+                sl.sat = True
             if q > qcap:
                 q = qcap
             if q > BIAS - 1:
                 q = BIAS - 1
             penalty = q * BPS // hh  # backpressure._units
-            sl.units = c_i - penalty if c_i > penalty else 0
+            sl.units = 0 if sl.sat else (c_i - penalty if c_i > penalty else 0)
             new_total += sl.units
             sl.xb = q + BIAS
         m.pending -= distributed

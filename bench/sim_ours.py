@@ -63,6 +63,7 @@ class OursConfig:
     slash_threshold_bps: int = 10_000
     fee_controller: bool = True  # False: min_fee = max_fee = FEE0 (a fixed price, as in the paper)
     sqrt_cap: bool = False  # feed the paper's sqrt(stake)-capped signal instead of the raw one
+    target_util_bps: int = 8_000  # the fee controller's utilisation target (PricingCurve)
 
     def model_params(self, alpha: float) -> ModelParams:
         return ModelParams(
@@ -72,6 +73,7 @@ class OursConfig:
             min_funding=10**6,
             slash_bps=self.slash_bps,
             slash_threshold_bps=self.slash_threshold_bps,
+            target_util_bps=self.target_util_bps,
         )
 
     def task_cfg(self, escrow_frac: float) -> TaskCfg:

@@ -48,6 +48,7 @@ OURS = {
     "ours": OursConfig(),
     "ours_fixedfee": OursConfig(fee_controller=False),
     "ours_sqrtcap": OursConfig(sqrt_cap=True),
+    "ours_u95": OursConfig(target_util_bps=9_500),
 }
 LABELS = {
     "static": "static split",
@@ -58,6 +59,7 @@ LABELS = {
     "ours": "ours",
     "ours_fixedfee": "ours, fee pinned",
     "ours_sqrtcap": "ours, sqrt-capped signal",
+    "ours_u95": "ours, target utilisation 0.95",
 }
 # The paper's numbers (its figures; re-run values of its code in seed-paper.md §2)
 PAPER = {
@@ -80,13 +82,13 @@ def experiments(quick: bool) -> list[tuple[str, str, dict, tuple[str, ...]]]:
     out.append(("E2", "paper", dict(shock, shock_mode="paper"), ("capprop",)))
     for f in (2, 5):
         liars = dict(liars=tuple(range(10)), liar_factor=float(f))
-        out.append(("E3", f"{f}x", liars, all_pol))
-        out.append(("E3", f"{f}x, rho=1.3", dict(liars, rho=1.3), all_pol))
+        out.append(("E3", f"{f}x", liars, all_pol + ("ours_u95",)))
+        out.append(("E3", f"{f}x, rho=1.3", dict(liars, rho=1.3), all_pol + ("ours_u95",)))
     for a in ((0.1, 0.3, 0.8) if quick else (0.1, 0.2, 0.3, 0.5, 0.8)):
         out.append(("E4", f"alpha={a}", dict(shock, shock_mode="stop", alpha=a), ("capprop", "capprop_linear", "ours")))
     for frac in (0.0, 0.1, 0.5, 1.0):
         out.append(("E5", f"buffer={frac}", dict(burst_mult=3.0, escrow_frac=frac),
-                    BASE + ("capprop_linear", "ours", "ours_fixedfee")))
+                    BASE + ("capprop_linear", "ours", "ours_fixedfee", "ours_u95")))
     rhos = (0.5, 0.9, 1.0, 1.2) if quick else (0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
     for rho in rhos:
         out.append(("E6", f"rho={rho}", dict(rho=rho), all_pol))

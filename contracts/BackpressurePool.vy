@@ -64,12 +64,15 @@ UNIT_DIV: constant(uint256) = 10**9
 
 # Packed per-slot word (the one pool slot a rebalance touches per sink):
 #   bits   0..61  units of the current epoch
+#   bit       62  saturated: the backlog reached its cap (H epochs) and no verified work
+#                 has been credited since; the sink's units stay 0 until credit() clears it
 #   bit       63  slash mark present (see _slash_mark)
 #   bits  64..159 x + BIAS, x = backlog at the last rebalance minus verified credit since,
 #                 in tasks * 1e9 (money converted at the fee when paid / credited)
 #   bits 160..255 unclaimed balance
 MASK62: constant(uint256) = 2**62 - 1
 MASK96: constant(uint256) = 2**96 - 1
+SAT_BIT: constant(uint256) = 2**62
 MARK_BIT: constant(uint256) = 2**63
 BIAS: constant(uint256) = 2**95
 STATUS_ACTIVE: constant(uint256) = 1
@@ -347,7 +350,8 @@ def credit(
             xb = unsafe_sub(xb, amount)
         else:
             xb = 1
-        self._hot[task_type][slots[k]] = (word & ~(MASK96 << 64)) | (xb << 64)
+        # verified work clears the saturation bit: the sink is delivering again
+        self._hot[task_type][slots[k]] = (word & ~((MASK96 << 64) | SAT_BIT)) | (xb << 64)
     log Credited(task_type=task_type, total=total)
 
 
@@ -491,11 +495,21 @@ def rebalance(task_type: bytes32) -> uint256:
                 suspects[len(suspects) - 1].sink = sink
             words.append(0)
             continue
-        q = min(min(q, backpressure._backlog_cap(c_i, hh)), BIAS - 1)
-        units: uint256 = backpressure._units(c_i, q, hh)
+        # Saturation: H epochs of paid work undelivered. The cap follows the smoothed signal,
+        # so without the bit a dead sink that keeps declaring would win weight back by every
+        # upward wobble of its signal (w = Cbar - Q/H > 0 again). With it, the weight stays 0
+        # until verified work is credited (credit() clears the bit).
+        q_cap: uint256 = backpressure._backlog_cap(c_i, hh)
+        sat: uint256 = w & SAT_BIT
+        if q >= q_cap and q_cap > 0:
+            sat = SAT_BIT
+        q = min(min(q, q_cap), BIAS - 1)
+        units: uint256 = 0
+        if sat == 0:
+            units = backpressure._units(c_i, q, hh)
         new_total += units
         assert unclaimed <= MASK96, "pool: balance overflow"
-        word: uint256 = units | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
+        word: uint256 = units | sat | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
         self._hot[task_type][i] = word
         words.append(word)
     ps.pending -= distributed
@@ -647,7 +661,7 @@ def backlog_of(task_type: bytes32, sink: address) -> (uint256, uint256):
 @view
 def hot_word(task_type: bytes32, slot: uint256) -> uint256:
     """
-    @notice The packed per-slot word (units | mark | backlog+2**95 | unclaimed).
+    @notice The packed per-slot word (units | saturated | mark | backlog+2**95 | unclaimed).
     """
     return self._hot[task_type][slot]
 

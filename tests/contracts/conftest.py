@@ -309,6 +309,7 @@ def hot(pool, task, slot):
     w = pool.hot_word(task, slot)
     return {
         "units": w & (2**62 - 1),
+        "sat": (w >> 62) & 1,
         "mark": (w >> 63) & 1,
         "backlog": max(0, ((w >> 64) & (2**96 - 1)) - 2**95),
         "x": ((w >> 64) & (2**96 - 1)) - 2**95,

@@ -324,6 +324,52 @@ def test_receipts_clear_backlog_and_the_share_moves_to_the_worker(proto, pool, t
     assert all(b < a for a, b in zip(shares, shares[1:])), shares
 
 
+def test_a_saturated_sink_stays_at_zero_when_its_signal_rises_until_it_delivers(
+        proto, pool, registry, tracker, signer, sink_a, sink_b, funder, clock, keeper, relayer):
+    """A dead sink that keeps declaring: once its backlog hits the cap (H epochs) its weight
+    stays 0 even while its smoothed signal climbs (the cap climbs with it, which used to
+    hand it Cbar_new - Cbar_old of weight back); one verified receipt clears the bit."""
+    warm_market(proto, [sink_a, sink_b], [100, 100], clock, keeper)
+    _stream_for(pool, funder, 1_600_000)
+
+    def epoch(receipt_for_b=0):
+        clock.to_epoch(clock.epoch() + 1, offset=-5)
+        if receipt_for_b:
+            _, arg = signer.receipt(sink_b, funder, receipt_for_b)
+            tracker.submit_receipts(CHEAP, [arg], sender=relayer)
+        room = pool.funder_room(CHEAP, funder)
+        if room > 0:
+            _, arg = signer.receipt(sink_a, funder, room)
+            tracker.submit_receipts(CHEAP, [arg], sender=relayer)
+        clock.next_epoch()
+        pool.rebalance(CHEAP, sender=keeper)
+        return hot(pool, CHEAP, 1)
+
+    for _ in range(6):  # the backlog approaches the cap (geometrically: it never reaches it)
+        b = epoch()
+    assert b["sat"] == 0 and 0 < b["units"] < pool_capacity(proto, sink_b) // 10
+    # its declared capacity wobbles down: the cap (H x the smoothed signal) falls below the
+    # backlog and clips it, which is what saturates
+    registry.declare_capacity(CHEAP, 60, sender=sink_b)
+    b = epoch()
+    assert b["sat"] == 1 and b["units"] == 0
+    assert b["backlog"] == pool_capacity(proto, sink_b) * 20_000 // 10_000  # at the cap
+    # ...and up again, past where it was: its smoothed signal rises every epoch
+    _, spu = registry.task_types(CHEAP)
+    registry.add_bond(CHEAP, 50 * spu, sender=sink_b)
+    registry.declare_capacity(CHEAP, 150, sender=sink_b)
+    signal = [pool_capacity(proto, sink_b)]
+    for _ in range(4):
+        b = epoch()
+        signal.append(pool_capacity(proto, sink_b))
+        assert b["units"] == 0 and b["sat"] == 1, b
+    assert signal[-1] > signal[0] * 15 // 10  # it really rose
+    assert_conserved(proto)
+    # it delivers again: one receipt clears the bit at once, the next rebalance weighs it
+    b = epoch(receipt_for_b=1_000)
+    assert b["sat"] == 0 and b["units"] > 0
+
+
 def test_late_receipts_still_clear_backlog(proto, pool, tracker, signer, sink_a, funder, clock, keeper, relayer):
     """Receipts relayed after the rebalance that paid for the work still count: the sink's
     backlog falls back to the fee-conversion residue of one epoch's fee move."""
