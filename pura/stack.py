@@ -16,7 +16,7 @@ from pathlib import Path
 from ape import chain
 
 from pura.deploy import Protocol, deploy_protocol
-from pura.params import ProtocolParams, TaskTypeParams
+from pura.params import PricingParams, ProtocolParams, TaskTypeParams
 from pura.signing import task_type_id
 
 USDC = 10**6
@@ -45,6 +45,7 @@ def stack_params(epoch_length: int = 3600) -> ProtocolParams:
             TaskTypeParams("llm.premium", 100 * USDC, USDC, 100_000, 1, 10**10, 1_000 * USDC),
         ),
         token_decimals=6,
+        pricing=PricingParams(target_util_bps=9_500),  # as the network files: see docs/simulation.md E3
     )
 
 
