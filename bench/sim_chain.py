@@ -187,6 +187,9 @@ class ChainBackend:
             self.pricing.functions.wire(self.pool.address, self.escrow.address),
             self.escrow.functions.wire(self.pool.address),
         )
+        if (params.target_util_bps, params.max_step_bps) != (8_000, 1_250):  # the constructor's defaults
+            self._block_now(self.pricing.functions.set_params(params.target_util_bps, params.max_step_bps,
+                                                              10_000, 30_000, 8_000))
         if params.drain_bps != 10_000:
             self._block_now(self.pool.functions.set_params(params.tolerance_bps, params.min_funding, params.drain_bps))
         att_abi = next(a for a in self.art["CapacityRegistry"]["abi"] if a.get("name") == "submit_attestations")

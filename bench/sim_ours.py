@@ -63,7 +63,7 @@ class OursConfig:
     slash_threshold_bps: int = 10_000
     fee_controller: bool = True  # False: min_fee = max_fee = FEE0 (a fixed price, as in the paper)
     sqrt_cap: bool = False  # feed the paper's sqrt(stake)-capped signal instead of the raw one
-    target_util_bps: int = 8_000  # the fee controller's utilisation target (PricingCurve)
+    target_util_bps: int = 9_500  # the fee controller's utilisation target, as deployed (params files)
 
     def model_params(self, alpha: float) -> ModelParams:
         return ModelParams(

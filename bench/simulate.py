@@ -1,7 +1,7 @@
 """Experiments E1-E6: the BPE paper's simulations, reproduced, with our mechanism beside them.
 
-    python -m bench.simulate            # everything, 20 seeds (42..61), ~5 min on 2 cores
-    python -m bench.simulate --quick    # 3 seeds and a subset of sweeps, well under a minute
+    python -m bench.simulate            # everything, 20 seeds (42..61), ~6 min on 2 idle cores
+    python -m bench.simulate --quick    # 3 seeds and a subset of sweeps, ~1.5 min
 
 Prints one table per experiment, writes bench/out/simulate.json (every metric, per seed and
 aggregated) and PNG plots to bench/out/. Measures; asserts nothing.
@@ -11,10 +11,13 @@ Policies (bench/sim_policies.py, bench/sim_ours.py):
                                     proportional with the sqrt(stake) cap), in floats
     capprop_linear                  the paper's rule with a linear cap (isolates the cap)
     ours                            the contracts' mechanism as an exact integer model:
-                                    backpressure weight from receipts, fee controller,
-                                    escrow with FIFO drain and stalls, slashing
+                                    backpressure weight from receipts, fee controller
+                                    (utilisation target 0.95, as deployed), escrow with
+                                    FIFO drain and stalls, slashing
     ours_fixedfee                   ours with the fee pinned (min = max = initial fee)
     ours_sqrtcap                    ours fed the paper's sqrt(stake)-capped signal
+    ours_u80                        ours with utilisation target 0.8 (the contract
+                                    constructor's default; E3 and E5)
 Experiments (bench/sim_env.py scenarios; one step = one epoch):
     E1 steady state; E2 shock (sinks 0-9 die at step 500: "stop" = they declare 0,
     "silent" = they keep declaring and deliver nothing, "paper" = the paper's code, which
@@ -48,7 +51,7 @@ OURS = {
     "ours": OursConfig(),
     "ours_fixedfee": OursConfig(fee_controller=False),
     "ours_sqrtcap": OursConfig(sqrt_cap=True),
-    "ours_u95": OursConfig(target_util_bps=9_500),
+    "ours_u80": OursConfig(target_util_bps=8_000),
 }
 LABELS = {
     "static": "static split",
@@ -59,7 +62,7 @@ LABELS = {
     "ours": "ours",
     "ours_fixedfee": "ours, fee pinned",
     "ours_sqrtcap": "ours, sqrt-capped signal",
-    "ours_u95": "ours, target utilisation 0.95",
+    "ours_u80": "ours, target utilisation 0.8",
 }
 # The paper's numbers (its figures; re-run values of its code in seed-paper.md §2)
 PAPER = {
@@ -82,13 +85,13 @@ def experiments(quick: bool) -> list[tuple[str, str, dict, tuple[str, ...]]]:
     out.append(("E2", "paper", dict(shock, shock_mode="paper"), ("capprop",)))
     for f in (2, 5):
         liars = dict(liars=tuple(range(10)), liar_factor=float(f))
-        out.append(("E3", f"{f}x", liars, all_pol + ("ours_u95",)))
-        out.append(("E3", f"{f}x, rho=1.3", dict(liars, rho=1.3), all_pol + ("ours_u95",)))
+        out.append(("E3", f"{f}x", liars, all_pol + ("ours_u80",)))
+        out.append(("E3", f"{f}x, rho=1.3", dict(liars, rho=1.3), all_pol + ("ours_u80",)))
     for a in ((0.1, 0.3, 0.8) if quick else (0.1, 0.2, 0.3, 0.5, 0.8)):
         out.append(("E4", f"alpha={a}", dict(shock, shock_mode="stop", alpha=a), ("capprop", "capprop_linear", "ours")))
     for frac in (0.0, 0.1, 0.5, 1.0):
         out.append(("E5", f"buffer={frac}", dict(burst_mult=3.0, escrow_frac=frac),
-                    BASE + ("capprop_linear", "ours", "ours_fixedfee", "ours_u95")))
+                    BASE + ("capprop_linear", "ours", "ours_fixedfee", "ours_u80")))
     rhos = (0.5, 0.9, 1.0, 1.2) if quick else (0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2)
     for rho in rhos:
         out.append(("E6", f"rho={rho}", dict(rho=rho), all_pol))
@@ -277,7 +280,7 @@ def plots(res: dict, series: dict, seeds: list[int], out: Path) -> list[str]:
     files = []
     colors = {"static": "#999999", "rr": "#8c564b", "random": "#bcbd22", "capprop": "#1f77b4",
               "capprop_linear": "#17becf", "ours": "#d62728", "ours_fixedfee": "#ff7f0e",
-              "ours_sqrtcap": "#9467bd"}
+              "ours_sqrtcap": "#9467bd", "ours_u80": "#e377c2"}
 
     def save(fig, name):
         fig.tight_layout()
@@ -285,7 +288,7 @@ def plots(res: dict, series: dict, seeds: list[int], out: Path) -> list[str]:
         plt.close(fig)
         files.append(str(out / name))
 
-    styles = {"ours": "-", "ours_fixedfee": "--", "ours_sqrtcap": ":", "capprop_linear": "-."}
+    styles = {"ours": "-", "ours_fixedfee": "--", "ours_sqrtcap": ":", "capprop_linear": "-.", "ours_u80": ":"}
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for pol, s in series.get(("E1", "steady"), {}).items():
@@ -311,12 +314,14 @@ def plots(res: dict, series: dict, seeds: list[int], out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     labels = list(res["E3"].keys())
-    pols = ("static", "capprop", "capprop_linear", "ours", "ours_fixedfee")
+    pols = [p for p in ("static", "capprop", "capprop_linear", "ours", "ours_u80", "ours_fixedfee")
+            if all(p in res["E3"][lb] for lb in labels)]
     x = np.arange(len(labels))
+    width = 0.8 / len(pols)
     for j, pol in enumerate(pols):
         mu = [res["E3"][lb][pol]["mean"]["liar_pay_over_cap"] / res["E3"][lb][pol]["mean"]["honest_pay_over_cap"]
               for lb in labels]
-        ax.bar(x + (j - 2) * 0.16, mu, 0.16, label=LABELS[pol], color=colors[pol])
+        ax.bar(x + (j - (len(pols) - 1) / 2) * width, mu, width, label=LABELS[pol], color=colors[pol])
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_xticks(x, labels)
     ax.set(ylabel="liar pay/cap ÷ honest pay/cap", title="E3 over-declarers: 1.0 = paid like an honest sink")
@@ -334,9 +339,11 @@ def plots(res: dict, series: dict, seeds: list[int], out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     fr = [float(lb.split("=")[1]) for lb in res["E5"]]
-    for pol in ("capprop", "rr", "ours", "ours_fixedfee"):
-        ax.plot(fr, [res["E5"][lb][pol]["mean"]["stall_rate"] for lb in res["E5"]], "o-", label=LABELS[pol],
-                color=colors[pol])
+    for pol in ("capprop", "rr", "ours", "ours_u80", "ours_fixedfee"):
+        if not all(pol in res["E5"][lb] for lb in res["E5"]):
+            continue
+        ax.plot(fr, [res["E5"][lb][pol]["mean"]["stall_rate"] for lb in res["E5"]], marker="o", label=LABELS[pol],
+                color=colors[pol], ls=styles.get(pol, "-"))
     ax.plot(fr, [PAPER["E5_stall"][f] for f in fr], "k*", ms=10, label="paper's figure")
     ax.set(xlabel="buffer / escrow size (x 8333)", ylabel="stall rate (task type x step)",
            title="E5 demand bursts")
