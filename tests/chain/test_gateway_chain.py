@@ -96,10 +96,16 @@ def test_weights_move_and_routing_follows(stack, accounts):
         units = {v.provider: v.units for v in svc.weights.state.sinks}
         share = units["p3"] / sum(units.values())
         assert share < 0.05, units
-        # the healthy sinks back what they are paid: full weight
+        # the healthy sinks back what they are paid and keep their weight. Not all of it to the
+        # unit: with 30 requests an epoch, requests of the last epoch routed elsewhere
+        # (exploration detours, SWRR rounding, fallbacks) leave a healthy sink with up to about
+        # half an epoch of backlog (measured 0-0.44 over repeated runs, at targets 0.8 and 0.95).
+        # The bound that separates it from a failing sink is one epoch (units >= C / 2); a
+        # failing sink sits at the cap, two epochs, units 0.
         for name in ("p1", "p2"):
             view = next(v for v in svc.weights.state.sinks if v.provider == name)
-            assert view.units >= 0.85 * view.capacity, (name, view)
+            assert view.backlog <= view.capacity, (name, view)
+            assert view.units >= view.capacity // 2, (name, view)
         # routing follows the weights: from ~a third of the traffic to exploration only
         # (10 % of requests while a route is degraded, aimed at the least measured route):
         # at most ~6 of 60 in the last two epochs expected, 12 allowed for chance
