@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pura.params import TaskTypeParams
+
 WAD = 10**18
 BPS = 10_000
 UNIT_DIV = 10**9  # pool units = tasks * 1e9
@@ -162,14 +164,8 @@ class ModelParams:
     max_step_bps: int = 1_250
 
 
-@dataclass
-class TaskCfg:
-    min_bond: int
-    stake_per_unit: int
-    base_fee: int
-    min_fee: int
-    max_fee: int
-    escrow_max: int
+# A market's parameters: the same record the deploy script reads from a parameters file.
+TaskCfg = TaskTypeParams
 
 
 # ------------------------------------------------------------------ per-market state

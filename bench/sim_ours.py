@@ -79,6 +79,7 @@ class OursConfig:
     def task_cfg(self, escrow_frac: float) -> TaskCfg:
         lo, hi = (1, 10**12) if self.fee_controller else (FEE0, FEE0)
         return TaskCfg(
+            name="sim",
             min_bond=10 * MONEY,
             stake_per_unit=FEE0,
             base_fee=FEE0,

@@ -80,7 +80,7 @@ def _two_sink_market():
     """Sinks A (100 tasks/epoch) and B (300), warmed up; one stream of 1000 tokens/s."""
     p = ModelParams(epoch_length=3600, min_funding=1)
     proto = Protocol(p, genesis=0, token=Token())
-    proto.create_task_type("t", TaskCfg(min_bond=100, stake_per_unit=1, base_fee=10_000, min_fee=1,
+    proto.create_task_type("t", TaskCfg(name="t", min_bond=100, stake_per_unit=1, base_fee=10_000, min_fee=1,
                                         max_fee=10**12, escrow_max=10**9))
     for sink, cap in (("A", 100), ("B", 300)):
         proto.token.mint(sink, 1_000)
