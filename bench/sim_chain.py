@@ -192,8 +192,6 @@ class ChainBackend:
                                                               10_000, 30_000, 8_000))
         if params.drain_bps != 10_000:
             self._block_now(self.pool.functions.set_params(params.tolerance_bps, params.min_funding, params.drain_bps))
-        att_abi = next(a for a in self.art["CapacityRegistry"]["abi"] if a.get("name") == "submit_attestations")
-        self._att_task_arg = att_abi["inputs"][0]["type"] == "bytes32"
         self.now = self.ts
 
     # ---------------------------------------------------------- plumbing
@@ -302,13 +300,10 @@ class ChainBackend:
             n = self.nonce_att.get(sink, 0) + 1
             self.nonce_att[sink] = n
             a = Attestation(tid, self._who(sink), cap, n, self.now + 3600)
-            sig = a.sign(self.keys[sink], self.chain_id, self.registry.address)
-            entry = (a.sink, cap, n, a.deadline, sig)
-            entries.append(entry if self._att_task_arg else (tid,) + entry)
+            entries.append(a.as_call_arg(a.sign(self.keys[sink], self.chain_id, self.registry.address)))
         for k in range(0, len(entries), 64):
-            call = (self.registry.functions.submit_attestations(tid, entries[k:k + 64]) if self._att_task_arg
-                    else self.registry.functions.submit_attestations(entries[k:k + 64]))
-            self._send("submit_attestations", call, DEPLOYER)
+            self._send("submit_attestations", self.registry.functions.submit_attestations(tid, entries[k:k + 64]),
+                       DEPLOYER)
 
     def fund(self, tt: str, funder: str, amount: int, rate: int):
         a = self._who(funder)

@@ -5,7 +5,7 @@ This is a line-by-line port of the arithmetic in
     contracts/CapacityRegistry.vy   bonds, linear cap, lazy once-per-epoch WAD EWMA, slashing
     contracts/BackpressurePool.vy   streams, rebalance (split, overflow, backlog, units,
                                     relative slashing, escrow drain, fee update), credit, claim
-    contracts/modules/{backpressure,ewma,fee_math,fixed_point}.vy
+    contracts/modules/{backpressure,ewma,fee_math}.vy
     contracts/PricingCurve.vy       base fee, EIP-1559 style with catch-up and bounds
     contracts/EscrowBuffer.vy       FIFO entries per funder, max level, release
     contracts/CompletionTracker.vy  receipt crediting bounded by funding, shortfall slashing
@@ -41,11 +41,11 @@ MAX_CATCH_UP = 255
 
 
 # ------------------------------------------------------------------ pure formulas
-# (modules/fixed_point.vy, ewma.vy, backpressure.vy, fee_math.vy)
+# (modules/ewma.vy, backpressure.vy, fee_math.vy)
 
 
 def pow_wad(base_wad: int, n: int) -> int:
-    """base^n in WAD by binary exponentiation, every product floored (fixed_point._pow_wad)."""
+    """base^n in WAD by binary exponentiation, every product floored (ewma._decay)."""
     assert n < 2**32
     result, b, e = WAD, base_wad, n
     while e:

@@ -122,8 +122,9 @@ _stream_plus_one: HashMap[bytes32, HashMap[address, uint256]]
 # funded (low 128 bits) | credited (high 128 bits): money this funder put in the pot
 # (net of what overflowed back out) and verified credit it has vouched for.
 _credit: HashMap[bytes32, HashMap[address, uint256]]
-_hot: HashMap[bytes32, HashMap[uint256, uint256]]
-_slash_mark: HashMap[bytes32, HashMap[uint256, uint256]]
+# per task type, one word per slot: a fixed array costs one hash per access, a nested map two
+_hot: HashMap[bytes32, uint256[MAX_SINKS]]
+_slash_mark: HashMap[bytes32, uint256[MAX_SINKS]]
 owed: public(HashMap[bytes32, HashMap[address, uint256]])
 owed_total: public(HashMap[bytes32, uint256])
 

@@ -17,7 +17,7 @@ from eth_abi import encode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_keys import keys
-from eth_utils import keccak
+from eth_utils import keccak, to_checksum_address
 
 RECEIPT_TYPE = [
     {"name": "taskType", "type": "bytes32"},
@@ -33,10 +33,11 @@ RECEIPT_TYPE = [
 ATTESTATION_TYPE = [
     {"name": "taskType", "type": "bytes32"},
     {"name": "sink", "type": "address"},
-    {"name": "capacity", "type": "uint256"},
-    {"name": "nonce", "type": "uint256"},
-    {"name": "deadline", "type": "uint256"},
+    {"name": "capacity", "type": "uint32"},
+    {"name": "nonce", "type": "uint32"},
+    {"name": "deadline", "type": "uint32"},
 ]
+UINT32_MAX = 2**32 - 1
 
 RECEIPT_TYPEHASH = keccak(
     text="Receipt(bytes32 taskType,address sink,address source,bytes32 taskId,uint256 amount,"
@@ -157,9 +158,25 @@ class Attestation:
     def sign(self, private_key: str | bytes, chain_id: int, registry: str) -> bytes:
         return sign_digest(private_key, self.digest(chain_id, registry))
 
+    @property
+    def head(self) -> int:
+        """The signed fields packed as the registry reads them:
+        sink << 96 | capacity << 64 | nonce << 32 | deadline (each a uint32)."""
+        for name in ("capacity", "nonce", "deadline"):
+            if not 0 <= getattr(self, name) <= UINT32_MAX:
+                raise ValueError(f"attestation {name} {getattr(self, name)} does not fit a uint32")
+        return int(self.sink, 16) << 96 | self.capacity << 64 | self.nonce << 32 | self.deadline
+
     def as_call_arg(self, signature: bytes) -> tuple:
-        """One entry of CapacityRegistry.submit_attestations(task_type, entries)."""
-        return (self.sink, self.capacity, self.nonce, self.deadline, signature)
+        """One entry (head, r, vs) of CapacityRegistry.submit_attestations(task_type, entries)."""
+        r, vs = compact(signature)
+        return (self.head, r, vs)
+
+    @staticmethod
+    def unpack_head(head: int) -> tuple[str, int, int, int]:
+        """(sink, capacity, nonce, deadline) of a packed head, e.g. from CapacitiesAttested."""
+        sink = to_checksum_address((head >> 96).to_bytes(20, "big"))
+        return sink, (head >> 64) & UINT32_MAX, (head >> 32) & UINT32_MAX, head & UINT32_MAX
 
 
 @lru_cache(maxsize=64)
@@ -189,6 +206,17 @@ def sign_digest(private_key: str | bytes, digest: bytes) -> bytes:
     on every call, which costs ~6x the signature itself on the gateway's hot path."""
     sig = _private_key(private_key).sign_msg_hash(digest)
     return sig.r.to_bytes(32, "big") + sig.s.to_bytes(32, "big") + bytes([sig.v + 27])
+
+
+def compact(signature: bytes) -> tuple[int, int]:
+    """EIP-2098 (r, vs) of a 65-byte r || s || v signature: vs = (v - 27) << 255 | s.
+    Raises ValueError for anything that is not 65 bytes with v in {27, 28}."""
+    if len(signature) != 65 or signature[64] not in (27, 28):
+        raise ValueError("expected a 65-byte r || s || v signature with v in {27, 28}")
+    s = int.from_bytes(signature[32:64], "big")
+    if s >> 255:
+        raise ValueError("s does not fit EIP-2098's 255 bits")
+    return int.from_bytes(signature[:32], "big"), (signature[64] - 27) << 255 | s
 
 
 def recover(digest: bytes, signature: bytes) -> str:

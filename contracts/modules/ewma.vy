@@ -10,7 +10,6 @@
         integer floor stalled up to 3 units short).
 """
 
-from . import fixed_point
 
 WAD: constant(uint256) = 10**18
 MAX_STEPS: constant(uint256) = 2**32 - 1
@@ -35,13 +34,28 @@ def _advance(s_wad: uint256, target_wad: uint256, epochs: uint256, decay_wad: ui
 @pure
 def _decay(epochs: uint256, decay_wad: uint256) -> uint256:
     """
-    @dev (1 - alpha)^epochs in WAD; 0 beyond 2**32 - 1 epochs (the signal is at its target).
+    @dev (1 - alpha)^epochs in WAD, by binary exponentiation, each product rounded down;
+         0 beyond 2**32 - 1 epochs (the signal is at its target by then). The decay is at
+         most WAD (asserted), so every operand stays <= WAD and every product < 2**120:
+         the arithmetic is unchecked by construction. 32 rounds cover every uint32.
     """
     if epochs == 1:
         return decay_wad  # the common case: no exponentiation
     if epochs > MAX_STEPS:
         return 0
-    return fixed_point._pow_wad(decay_wad, epochs)
+    assert decay_wad <= WAD, "ewma: decay above one"
+    result: uint256 = WAD
+    b: uint256 = decay_wad
+    e: uint256 = epochs
+    for _: uint256 in range(32):
+        if e == 0:
+            break
+        if e & 1 == 1:
+            result = unsafe_div(unsafe_mul(result, b), WAD)
+        e = e >> 1
+        if e != 0:
+            b = unsafe_div(unsafe_mul(b, b), WAD)
+    return result
 
 
 @internal
@@ -49,7 +63,9 @@ def _decay(epochs: uint256, decay_wad: uint256) -> uint256:
 def _step(s_wad: uint256, target_wad: uint256, f_wad: uint256) -> uint256:
     """
     @dev target + (s - target) * f, the gap rounded toward zero (never overshoots).
+         Unchecked: callers pass signals < 2**96 and f <= WAD (a power of a decay), so the
+         product is < 2**156 and the result lies between s and target.
     """
     if s_wad > target_wad:
-        return target_wad + unsafe_sub(s_wad, target_wad) * f_wad // WAD
-    return target_wad - unsafe_sub(target_wad, s_wad) * f_wad // WAD
+        return unsafe_add(target_wad, unsafe_div(unsafe_mul(unsafe_sub(s_wad, target_wad), f_wad), WAD))
+    return unsafe_sub(target_wad, unsafe_div(unsafe_mul(unsafe_sub(target_wad, s_wad), f_wad), WAD))

@@ -9,14 +9,13 @@
 from ..modules import ewma
 from ..modules import backpressure
 from ..modules import fee_math
-from ..modules import fixed_point
 from ..modules import signatures
 
 
 @external
 @pure
 def pow_wad(base_wad: uint256, n: uint256) -> uint256:
-    return fixed_point._pow_wad(base_wad, n)
+    return ewma._decay(n, base_wad)
 
 
 @external
@@ -59,3 +58,9 @@ def fee_compound(fee: uint256, min_fee: uint256, max_fee: uint256, factor_wad: u
 @view
 def recover(digest: bytes32, signature: Bytes[65]) -> address:
     return signatures._recover(digest, signature)
+
+
+@external
+@view
+def recover_compact(digest: bytes32, r: uint256, vs: uint256) -> address:
+    return signatures._recover_compact(digest, r, vs)

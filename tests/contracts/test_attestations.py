@@ -1,8 +1,11 @@
 """Relayed EIP-712 capacity attestations: batch semantics and the attacks on them."""
 
 import ape
+import pytest
 from ape import chain
 from eth_utils import keccak
+
+from pura.signing import Attestation
 
 from .conftest import CHEAP, PREMIUM, USDC, WAD, own_events
 
@@ -17,7 +20,7 @@ def test_digest_matches_eth_account(registry, signer, sink_a):
     a, _ = signer.attestation(sink_a, 77, 3)
     assert registry.attestation_digest(CHEAP, sink_a, 77, 3, a.deadline) == a.digest(chain.chain_id, registry.address)
     assert registry.ATTESTATION_TYPEHASH() == keccak(
-        text="CapacityAttestation(bytes32 taskType,address sink,uint256 capacity,uint256 nonce,uint256 deadline)")
+        text="CapacityAttestation(bytes32 taskType,address sink,uint32 capacity,uint32 nonce,uint32 deadline)")
     d = registry.eip712Domain()
     assert d[1] == "Pura CapacityRegistry" and d[3] == chain.chain_id and d[4] == registry.address
 
@@ -28,10 +31,12 @@ def test_relayed_batch_declares_for_each_sink(registry, signer, sink_a, sink_b, 
     batch = [signer.attestation(sink_a, 150, 1)[1], signer.attestation(sink_b, 500, 1)[1]]
     assert registry.submit_attestations.call(CHEAP, batch, sender=relayer) == 2
     tx = registry.submit_attestations(CHEAP, batch, sender=relayer)
+    # one event for the batch, listing each accepted attestation's head as submitted
     assert own_events(tx, registry) == [
-        registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=150, nonce=1),
-        registry.CapacityDeclared(task_type=CHEAP, sink=sink_b.address, declared=500, nonce=1),
+        registry.CapacitiesAttested(task_type=CHEAP, heads=[batch[0][0], batch[1][0]]),
     ]
+    assert [Attestation.unpack_head(h)[:3] for h in own_events(tx, registry)[0].heads] == [
+        (sink_a.address, 150, 1), (sink_b.address, 500, 1)]
     assert registry.capacity_state(CHEAP, 0).declared == 150
     assert registry.capacity_state(CHEAP, 1).nonce == 1
 
@@ -43,7 +48,6 @@ def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, 
         signer.attestation(sink_a, 20, 1, deadline=now - 1)[1],       # expired
         signer.attestation(stranger, 20, 1)[1],                        # not registered
         signer.attestation(sink_a, 20, 0)[1],                          # nonce not above 0
-        signer.attestation(sink_a, 20, 2**32)[1],                      # nonce beyond 32 bits
         signer.attestation(sink_a, 20, 5, key=sink_b)[1],              # signed by someone else
         signer.attestation(sink_a, 30, 6)[1],                          # good
         signer.attestation(sink_a, 40, 6)[1],                          # same nonce again: stale
@@ -52,7 +56,7 @@ def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, 
     tx = registry.submit_attestations(CHEAP, batch, sender=relayer)
     assert rejected(tx, registry) == [
         (sink_a.address, 1, EXPIRED), (stranger.address, 1, NOT_REGISTERED), (sink_a.address, 0, STALE),
-        (sink_a.address, 2**32, STALE), (sink_a.address, 5, BAD_SIG), (sink_a.address, 6, STALE),
+        (sink_a.address, 5, BAD_SIG), (sink_a.address, 6, STALE),
         (sink_a.address, 5, STALE),
     ]
     st = registry.capacity_state(CHEAP, 0)
@@ -86,15 +90,39 @@ def test_burst_of_attestations_moves_the_signal_one_step(registry, signer, sink_
 
 def test_attested_capacity_is_clamped_to_the_bond(registry, signer, sink_a, relayer, clock):
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
-    registry.submit_attestations(CHEAP, [signer.attestation(sink_a, 10**12, 1)[1]], sender=relayer)
+    registry.submit_attestations(CHEAP, [signer.attestation(sink_a, 2**32 - 1, 1)[1]], sender=relayer)
     clock.next_epoch(80)
     assert registry.smoothed_capacity(CHEAP, sink_a) == 100
 
 
-def test_malformed_signatures_are_skipped(registry, signer, sink_a, relayer):
+def test_fields_beyond_32_bits_cannot_be_signed_for_relay(sink_a):
+    """The signed type says uint32; the client refuses what the packed entry cannot carry
+    rather than relaying a different value than the one signed."""
+    for fields in ((2**32, 1, 1), (1, 2**32, 1), (1, 1, 2**32)):
+        with pytest.raises(ValueError, match="does not fit a uint32"):
+            Attestation(CHEAP, sink_a.address, *fields).head
+
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+def test_malformed_and_malleable_signatures_are_skipped(registry, signer, sink_a, relayer):
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
-    _, arg = signer.attestation(sink_a, 50, 1)
-    sig = arg[4]
-    for bad in (sig[:64], sig[:64] + b"\x1d", b"\x00" * 65, b""):
-        tx = registry.submit_attestations(CHEAP, [tuple(arg[:4]) + (bad,)], sender=relayer)
+    _, (head, r, vs) = signer.attestation(sink_a, 50, 1)
+    s, v_bit = vs & (2**255 - 1), vs >> 255
+    # the malleable twin (n - s, other v) recovers the same signer with a bare ecrecover
+    twin = ((1 - v_bit) << 255) | (SECP256K1_N - s)
+    for bad_r, bad_vs in ((r, twin), (r, vs ^ (1 << 255)), (0, vs), (r, v_bit << 255), (r + 1, vs)):
+        tx = registry.submit_attestations(CHEAP, [(head, bad_r, bad_vs)], sender=relayer)
         assert rejected(tx, registry) == [(sink_a.address, 1, BAD_SIG)]
+    # the well-formed one still goes through afterwards: nothing above consumed the nonce
+    assert registry.submit_attestations.call(CHEAP, [(head, r, vs)], sender=relayer) == 1
+
+
+def test_a_relayer_cannot_alter_a_packed_field(registry, signer, sink_a, relayer):
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    _, (head, r, vs) = signer.attestation(sink_a, 50, 1)
+    for flip in (1 << 64, 1 << 33, 1 << 8, 1 << 96):  # capacity, nonce, deadline, sink
+        tx = registry.submit_attestations(CHEAP, [(head ^ flip, r, vs)], sender=relayer)
+        assert [e.reason for e in registry.AttestationRejected.from_receipt(tx)] in ([BAD_SIG], [NOT_REGISTERED])
+    assert registry.capacity_state(CHEAP, 0).nonce == 0

@@ -29,10 +29,13 @@ def test_pow_wad_rounds_down_within_one_wei_per_multiplication(harness, base, n)
     assert exact - got <= 2 * n.bit_length() + 1
 
 
-def test_pow_wad_refuses_exponents_beyond_32_bits(harness):
+def test_decay_is_zero_beyond_32_bits_and_refuses_a_base_above_one(harness):
     import ape
-    with ape.reverts("fixed_point: exponent too large"):
-        harness.pow_wad(WAD // 2, 2**32)
+    assert harness.pow_wad(WAD // 2, 2**32 - 1) == 0  # rounds to 0 long before
+    assert harness.pow_wad(WAD, 2**32 - 1) == WAD
+    assert harness.pow_wad(WAD, 2**32) == 0  # beyond uint32: the signal is at its target
+    with ape.reverts("ewma: decay above one"):
+        harness.pow_wad(WAD + 1, 2)
 
 
 # ------------------------------------------------------------------ EWMA
@@ -206,3 +209,34 @@ def _check_split(proto, clock, keeper, accounts, caps, amount, rate, seconds):
     assert proto.pool.pools(CHEAP).pending == pot - sum(paid) - ev.to_escrow - ev.stalled
     assert proto.token.balanceOf(proto.pool) == proto.pool.liabilities(CHEAP) + proto.pool.liabilities(
         b"\x00" * 32)
+
+
+# ------------------------------------------------------------------ signatures
+
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+@given(key=st.integers(1, SECP256K1_N - 1), digest=st.binary(min_size=32, max_size=32),
+       flip_v=st.booleans(), twin=st.booleans())
+@settings(max_examples=30)
+def test_the_65_byte_and_compact_rules_agree(harness, key, digest, flip_v, twin):
+    """Receipts use the 65-byte form, attestations the EIP-2098 form: the same signature
+    is accepted or refused alike in both, and the malleable twin (n - s, other v) never."""
+    from eth_keys import keys
+    sk = keys.PrivateKey(key.to_bytes(32, "big"))
+    sig = sk.sign_msg_hash(digest)
+    r, s, v = sig.r, sig.s, sig.v + 27
+    if twin:
+        s, v = SECP256K1_N - s, 55 - v
+    if flip_v:
+        v = 55 - v
+    sig65 = r.to_bytes(32, "big") + s.to_bytes(32, "big") + bytes([v])
+    vs = ((v - 27) << 255) | s if s < 2**255 else None
+    got65 = harness.recover(digest, sig65)
+    if vs is not None:
+        assert harness.recover_compact(digest, r, vs) == got65
+    expected = sk.public_key.to_checksum_address() if not (twin or flip_v) else None
+    if expected:
+        assert got65 == expected
+    else:
+        assert got65 != sk.public_key.to_checksum_address()

@@ -352,7 +352,7 @@ class RegistryTrackerMachine(RuleBasedStateMachine):
         sp1 = reg.slot_of(CHEAP, sink)
         stored = reg.capacity_state(CHEAP, sp1 - 1).nonce if sp1 else None
         tx = reg.submit_attestations(CHEAP, [arg], sender=self.relayer)
-        accepted = bool(reg.CapacityDeclared.from_receipt(tx))
+        accepted = bool(reg.CapacitiesAttested.from_receipt(tx))
         assert accepted == (sp1 != 0 and not forged and nonce > stored)
         if accepted:
             self.att_nonce[sink.address] = nonce
