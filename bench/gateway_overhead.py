@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/gateway_overhead.py                 # full run (about 15 minutes)
     .venv/bin/python bench/gateway_overhead.py --duration 4 --rounds 1 --no-litellm
+    .venv/bin/python bench/gateway_overhead.py --clients 1 --no-litellm --compare ../pura-base
 
 What it does, in one run:
 
@@ -15,6 +16,13 @@ What it does, in one run:
 4. drives each target with wrk (Debian's package; a small Lua script sends the POST body and
    reports percentiles as JSON), alternating direct / Pura / LiteLLM within every round, for
    1, 50 and 200 connections, streaming and not, and keeps the median over rounds.
+
+``--compare DIR`` also starts the gateway of another checkout of this repository (for example a
+``git worktree`` of the commit before a change; it runs on this venv) as target ``pura-cmp``,
+against the same upstream and alternating with the others in every round: on a machine shared
+with other work, figures taken minutes apart are not comparable, figures taken in the same round
+are. With one Pura worker the table also shows each gateway's CPU time per request (user +
+system, from ``/proc``), which moves far less with the machine's load than latency does.
 
 It measures and reports; it asserts nothing. Output: a table on stdout and JSON in
 ``bench/out/gateway_overhead.json``. Everything binds to 127.0.0.1.
@@ -90,15 +98,23 @@ class Target:
     name: str
     url: str  # full chat completions URL
     auth: str | None = None
+    pid: int | None = None  # the serving process, when its CPU time is all its own (one worker)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (``/proc/<pid>/stat`` fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class Processes:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    def start(self, cmd: list[str], env: dict | None = None, log: Path | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
         out = open(log, "wb") if log else subprocess.DEVNULL
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out,
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out, cwd=cwd,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)
         return proc
@@ -135,14 +151,40 @@ def run_wrk(target: Target, connections: int, duration_s: int, stream: bool, wor
     script.write_text(LUA.replace("__BODY__", body).replace("__AUTH__", auth))
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{duration_s}s", "--timeout", "10s",
            "-s", str(script), target.url]
+    cpu_before = cpu_seconds(target.pid) if target.pid else 0.0
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=duration_s + 60)
+    cpu = cpu_seconds(target.pid) - cpu_before if target.pid else None
     line = next((ln for ln in result.stderr.splitlines() if ln.startswith("WRKJSON ")), None)
     if line is None:
         raise RuntimeError(f"wrk produced no summary: {result.stdout}\n{result.stderr}")
     data = json.loads(line[len("WRKJSON "):])
     data["rps"] = data["requests"] / (data["duration_us"] / 1e6)
     data["errors"] = sum(v for k, v in data.items() if k.startswith("errors_"))
+    data["cpu_us_per_request"] = cpu / data["requests"] * 1e6 if cpu is not None and data["requests"] else None
     return data
+
+
+def start_pura(procs: Processes, tree: Path, name: str, routing: Path, workdir: Path,
+               workers: int) -> Target:
+    """The gateway of the checkout ``tree`` on a free port, its own SQLite file and bench key."""
+    port = free_port()
+    db_url = f"sqlite:///{workdir / (name + '.db')}"
+    env = {"PURA_CONFIG": str(routing), "PURA_DATABASE_URL": db_url, "PURA_LOG_REQUESTS": "true",
+           "PYTHONPATH": str(tree)}  # that checkout's gateway package, not this one's
+    key = subprocess.run(
+        [str(VENV_PY), "-m", "gateway.cli", "--database-url", db_url, "keys", "create",
+         "--label", "bench", "--daily-budget-usd", "1000000", "--rate-limit", "1000000000"],
+        capture_output=True, text=True, check=True, cwd=tree, env={**os.environ, **env},
+    ).stdout.strip()
+    serve = [str(VENV_PY), "-m", "gateway.cli", "serve", "--port", str(port)]
+    if workers > 1:
+        serve = [str(VENV_PY), "-m", "uvicorn", "--factory", "gateway.app:create_app",
+                 "--port", str(port), "--workers", str(workers),
+                 "--log-level", "warning", "--no-access-log"]
+    proc = procs.start(serve, env=env, log=workdir / f"{name}.log", cwd=tree)
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", auth=key,
+                  pid=proc.pid if workers == 1 else None)
 
 
 def main() -> int:
@@ -152,6 +194,8 @@ def main() -> int:
     parser.add_argument("--clients", default="1,50,200")
     parser.add_argument("--no-litellm", action="store_true")
     parser.add_argument("--pura-workers", type=int, default=1)
+    parser.add_argument("--compare", type=Path, default=None, metavar="DIR",
+                        help="also measure the gateway of another checkout (target pura-cmp)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "gateway_overhead.json")
     args = parser.parse_args()
 
@@ -162,7 +206,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pura-bench-"))
     procs = Processes()
     try:
-        upstream_port, pura_port = free_port(), free_port()
+        upstream_port = free_port()
         procs.start([str(VENV_PY), "-m", "gateway.cli", "provider", "--port", str(upstream_port),
                      "--model", MODEL], log=workdir / "upstream.log")
         wait_http(f"http://127.0.0.1:{upstream_port}/health")
@@ -179,25 +223,11 @@ def main() -> int:
             '  input_usd_per_mtok = "0.10"\n'
             '  output_usd_per_mtok = "0.40"\n'
         )
-        db_url = f"sqlite:///{workdir / 'pura.db'}"
-        env = {"PURA_CONFIG": str(routing), "PURA_DATABASE_URL": db_url, "PURA_LOG_REQUESTS": "true"}
-        key = subprocess.run(
-            [str(VENV_PY), "-m", "gateway.cli", "--database-url", db_url, "keys", "create",
-             "--label", "bench", "--daily-budget-usd", "1000000", "--rate-limit", "1000000000"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()
-        serve = [str(VENV_PY), "-m", "gateway.cli", "serve", "--port", str(pura_port)]
-        if args.pura_workers > 1:
-            serve = [str(VENV_PY), "-m", "uvicorn", "--factory", "gateway.app:create_app",
-                     "--port", str(pura_port), "--workers", str(args.pura_workers),
-                     "--log-level", "warning", "--no-access-log"]
-        procs.start(serve, env=env, log=workdir / "pura.log")
-        wait_http(f"http://127.0.0.1:{pura_port}/health")
-
-        targets = [
-            Target("direct", f"http://127.0.0.1:{upstream_port}/v1/chat/completions"),
-            Target("pura", f"http://127.0.0.1:{pura_port}/v1/chat/completions", auth=key),
-        ]
+        targets = [Target("direct", f"http://127.0.0.1:{upstream_port}/v1/chat/completions")]
+        targets.append(start_pura(procs, ROOT, "pura", routing, workdir, args.pura_workers))
+        if args.compare is not None:
+            targets.append(start_pura(procs, args.compare.resolve(), "pura-cmp", routing, workdir,
+                                      args.pura_workers))
         if not args.no_litellm:
             litellm = ensure_litellm()
             litellm_port = free_port()
@@ -251,6 +281,10 @@ def main() -> int:
                         "median_rps": statistics.median(d["rps"] for d in data),
                         "median_p50_ms": statistics.median(d["p50_us"] for d in data) / 1000,
                         "median_p99_ms": statistics.median(d["p99_us"] for d in data) / 1000,
+                        "median_cpu_us_per_request": (
+                            statistics.median(d["cpu_us_per_request"] for d in data)
+                            if data[0]["cpu_us_per_request"] is not None else None
+                        ),
                         "errors": sum(d["errors"] for d in data),
                     }
                     for name, data in runs.items()
@@ -273,6 +307,7 @@ def main() -> int:
                         "python": platform.python_version(), "loadavg_at_end": os.getloadavg()},
             "settings": {"duration_s": args.duration, "rounds": args.rounds, "clients": clients,
                          "pura_workers": args.pura_workers, "litellm": None if args.no_litellm else LITELLM_PIN,
+                         "compare": str(args.compare) if args.compare else None,
                          "load_generator": "wrk -t1 (Debian), Lua POST script"},
             "results": results,
             "summary": summary,
@@ -290,15 +325,18 @@ def main() -> int:
 
 
 def print_table(results: dict) -> None:
-    header = f"{'scenario':<12}{'target':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}{'+p99 ms':>9}{'errors':>8}"
+    header = (f"{'scenario':<12}{'target':<9}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'+p50 ms':>9}"
+              f"{'+p99 ms':>9}{'errors':>8}{'cpu us/req':>12}")
     print(header)
     print("-" * len(header))
     for scenario, per in results.items():
         for name, m in per.items():
             added50 = f"{m['added_p50_ms']:9.2f}" if "added_p50_ms" in m else f"{'':>9}"
             added99 = f"{m['added_p99_ms']:9.2f}" if "added_p99_ms" in m else f"{'':>9}"
+            cpu = m["median_cpu_us_per_request"]
+            cpu_text = f"{cpu:12.0f}" if cpu is not None else f"{'':>12}"
             print(f"{scenario:<12}{name:<9}{m['median_rps']:9.0f}{m['median_p50_ms']:9.2f}"
-                  f"{m['median_p99_ms']:9.2f}{added50}{added99}{m['errors']:8d}")
+                  f"{m['median_p99_ms']:9.2f}{added50}{added99}{m['errors']:8d}{cpu_text}")
 
 
 if __name__ == "__main__":

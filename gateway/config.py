@@ -50,6 +50,11 @@ class GatewaySettings(BaseSettings):
         default=5.0, ge=0, description="group-commit window of settlements (see accounting.settlement)"
     )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    key_cache_ttl_s: float = Field(
+        default=1.0, ge=0,
+        description="how long a key's rate limit is cached, and how often other processes'"
+        " rate-limit counts are read back (see accounting.ratelimit); 0 reads both every request",
+    )
 
 
 class ModelConfig(BaseModel):

@@ -46,20 +46,21 @@ def configure(level: str = "INFO") -> None:
 class RequestLog:
     """The one-line-per-request log, written in batches.
 
-    Each request adds one JSON line; lines are written together a few milliseconds later in a
-    single ``write`` (a syscall per line costs tens of microseconds on the target machine).
+    Each request adds one record; the records are encoded and written together a few
+    milliseconds later in a single ``write`` (a syscall per line costs tens of microseconds on the
+    target machine), so neither the write nor the JSON encoding is on a request's critical path.
     """
 
     def __init__(self, stream: object | None = None, delay_s: float = 0.005) -> None:
         self._stream = stream
         self._delay_s = delay_s
-        self._lines: list[str] = []
+        self._records: list[dict] = []
         self._scheduled = False
 
     def emit(self, fields: dict) -> None:
         record = {"ts": round(time.time(), 3), "level": "info", "logger": "pura.request", "msg": "request"}
         record.update(fields)
-        self._lines.append(json.dumps(record, default=str, separators=(",", ":")))
+        self._records.append(record)
         if not self._scheduled:
             self._scheduled = True
             try:
@@ -69,9 +70,9 @@ class RequestLog:
 
     def flush(self) -> None:
         self._scheduled = False
-        if not self._lines:
+        if not self._records:
             return
         stream = self._stream or sys.stderr
-        stream.write("\n".join(self._lines) + "\n")
-        self._lines.clear()
+        records, self._records = self._records, []
+        stream.write("".join(json.dumps(r, default=str, separators=(",", ":")) + "\n" for r in records))
         stream.flush()

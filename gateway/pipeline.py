@@ -1,8 +1,8 @@
 """The chat-completions pipeline: request -> routing -> upstream -> accounting -> record.
 
 One :class:`ChatPipeline` lives in the app's lifespan. :meth:`ChatPipeline.handle` does, in
-order: key check, body validation, routing plan, one atomic admission (auth + rate limit + budget
-reservation), the upstream calls (with fallback, or the cascade), settlement, the completion
+order: key check, body validation, routing plan, admission (auth and rate limit in memory, then
+the budget reservation, committed before any upstream call), the upstream calls (with fallback, or the cascade), settlement, the completion
 record, one structured log line, and the response with its ``X-Pura-*`` headers.
 
 Streams: the upstream's first event is awaited before anything is sent, so a failure before the
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from gateway import errors
 from gateway.accounting.money import (
@@ -43,6 +43,7 @@ from gateway.accounting.store import Admission, Store, now_ms
 from gateway.config import TIERS, RoutingConfig, Tier
 from gateway.errors import GatewayError
 from gateway.logs import RequestLog
+from gateway.responses import EventStreamResponse, LastChunk
 from gateway.routing.cascade import AnswerScore, score_answer
 from gateway.routing.complexity import classify, extract_features
 from gateway.routing.quality import HealthBook
@@ -60,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pura.pipeline")
 
 MAX_RESERVATION_MICROS = 2**53
+NO_HINTS = Hints()
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -158,10 +160,14 @@ class ChatPipeline:
     ) -> None:
         self.max_body_bytes = max_body_bytes
         # Request ids need uniqueness, not secrecy: a PRNG seeded from the OS once per process
-        # (os.urandom costs ~60 us a call on the target machine).
+        # (os.urandom costs ~60 us a call on the target machine). They start with the
+        # millisecond clock so that the indexes keyed by them (reservations, usage_records,
+        # usage_attempts) grow at their right edge: a group commit of settlements then dirties
+        # a few pages instead of about one per request (each page is a write at commit).
         self._ids = random.Random(os.urandom(32))
         self.config = config
         self.catalogue = catalogue
+        self._provider_names = frozenset(catalogue.provider_names)
         self.router = router
         self.health = health
         self.store = store
@@ -170,6 +176,7 @@ class ChatPipeline:
         self.log_requests = log_requests
         self.request_log = RequestLog()
         self.chain: ChainService | None = None  # set by the app when [chain] is enabled
+        self.in_flight = 0  # requests between arrival and their response (or its first byte)
 
     @property
     def sinks(self) -> list[RecordSink]:
@@ -178,7 +185,14 @@ class ChatPipeline:
     # ------------------------------------------------------------------ entry point
 
     async def handle(self, request: Request) -> Response:
-        request_id = f"req_{self._ids.getrandbits(96):024x}"
+        self.in_flight += 1
+        try:
+            return await self._handle(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _handle(self, request: Request) -> Response:
+        request_id = f"req_{time.time_ns() // 1_000_000:012x}{self._ids.getrandbits(48):012x}"
         base_headers = {"X-Pura-Request-Id": request_id}
         started = time.perf_counter()
         raw_key = _bearer(request.headers.get("authorization"))
@@ -251,28 +265,10 @@ class ChatPipeline:
             param = ".".join(str(p) for p in first["loc"])
             code = "invalid_routing_hint" if first["loc"][:1] == ("routing",) else "invalid_value"
             raise errors.bad_request(f"{param}: {first['msg']}", param=param, code=code)
-        hints_in = parsed.routing or RoutingHints()
-        known = set(self.catalogue.provider_names)
-        if hints_in.prefer is not None and hints_in.prefer not in known:
-            raise errors.bad_request(
-                f"routing.prefer: unknown provider {hints_in.prefer!r}",
-                param="routing.prefer",
-                code="invalid_routing_hint",
-            )
-        unknown = sorted(set(hints_in.excludeProviders or ()) - known)
-        if unknown:
-            raise errors.bad_request(
-                f"routing.excludeProviders: unknown provider(s) {unknown}",
-                param="routing.excludeProviders",
-                code="invalid_routing_hint",
-            )
-        hints = Hints(
-            quality=hints_in.quality,
-            prefer=hints_in.prefer,
-            max_cost_usd_per_1k=None if hints_in.maxCost is None else Decimal(str(hints_in.maxCost)),
-            max_latency_ms=hints_in.maxLatency,
-            exclude_providers=frozenset(hints_in.excludeProviders or ()),
-        )
+        if parsed.routing is None:
+            hints, experimental = NO_HINTS, []
+        else:
+            hints, experimental = self._hints(parsed.routing), parsed.routing.experimental_used()
         model = parsed.model
         pinned = None if model in (None, "auto") else model
         if pinned is not None and pinned not in self.catalogue.by_model:
@@ -286,10 +282,33 @@ class ChatPipeline:
             body=body,
             parsed=parsed,
             hints=hints,
-            experimental=hints_in.experimental_used(),
+            experimental=experimental,
             stream=bool(parsed.stream),
             client_wants_usage=bool(options.get("include_usage")),
             pinned_model=pinned,
+        )
+
+    def _hints(self, routing: RoutingHints) -> Hints:
+        """The routing hints, checked against the configured providers."""
+        if routing.prefer is not None and routing.prefer not in self._provider_names:
+            raise errors.bad_request(
+                f"routing.prefer: unknown provider {routing.prefer!r}",
+                param="routing.prefer",
+                code="invalid_routing_hint",
+            )
+        unknown = sorted(set(routing.excludeProviders or ()) - self._provider_names)
+        if unknown:
+            raise errors.bad_request(
+                f"routing.excludeProviders: unknown provider(s) {unknown}",
+                param="routing.excludeProviders",
+                code="invalid_routing_hint",
+            )
+        return Hints(
+            quality=routing.quality,
+            prefer=routing.prefer,
+            max_cost_usd_per_1k=None if routing.maxCost is None else Decimal(str(routing.maxCost)),
+            max_latency_ms=routing.maxLatency,
+            exclude_providers=frozenset(routing.excludeProviders or ()),
         )
 
     def _reservation_bound(self, ctx: RequestContext, routes: list[Route]) -> int:
@@ -334,7 +353,10 @@ class ChatPipeline:
             raise errors.no_route(str(exc)) from exc
         ctx.explored = plan.explored
         admission = await self.store.admit(
-            ctx.raw_key, self._reservation_bound(ctx, plan.routes), reservation_id=ctx.request_id
+            ctx.raw_key,
+            self._reservation_bound(ctx, plan.routes),
+            reservation_id=ctx.request_id,
+            alone=self.in_flight == 1,
         )
         ctx.admission = admission
         ctx.reserved_micros = admission.reserved_micros
@@ -650,11 +672,7 @@ class ChatPipeline:
         remaining = (ctx.admission.budget_remaining_micros if ctx.admission else None)
         headers = self._headers(ctx, route, remaining)
         headers.update(SSE_HEADERS)
-        return StreamingResponse(
-            self._relay(ctx, route, stream, started),
-            media_type="text/event-stream",
-            headers=headers,
-        )
+        return EventStreamResponse(self._relay(ctx, route, stream, started), headers=headers)
 
     async def _relay(
         self, ctx: RequestContext, route: Route, stream: EventStream, started: float
@@ -743,9 +761,11 @@ class ChatPipeline:
             await self._receipt(ctx, route, "".join(answer), ctx.attempts[-1].cost_micros)
         pura["billed_micros"] = billed
         pura["budget_remaining_usd"] = format_usd(max(0, remaining))
+        # Everything after the upstream's end goes out in one write, with the end of the body.
+        tail: list[bytes] = []
         if failure is not None:
             if held_finish is not None:
-                yield encode_event(json.dumps(held_finish).encode())
+                tail.append(encode_event(json.dumps(held_finish).encode()))
             err = {
                 "error": {
                     "message": "The upstream stream broke off after the response started "
@@ -756,17 +776,18 @@ class ChatPipeline:
                 },
                 "pura": pura,
             }
-            yield encode_event(json.dumps(err).encode())
-            return
-        if ctx.client_wants_usage and usage_chunk is not None:
-            if held_finish is not None:
-                yield encode_event(json.dumps(held_finish).encode())
-            usage_chunk["pura"] = pura
-            yield encode_event(json.dumps(usage_chunk).encode())
-        elif held_finish is not None:
-            held_finish["pura"] = pura
-            yield encode_event(json.dumps(held_finish).encode())
-        yield encode_event(b"[DONE]")
+            tail.append(encode_event(json.dumps(err).encode()))
+        else:
+            if ctx.client_wants_usage and usage_chunk is not None:
+                if held_finish is not None:
+                    tail.append(encode_event(json.dumps(held_finish).encode()))
+                usage_chunk["pura"] = pura
+                tail.append(encode_event(json.dumps(usage_chunk).encode()))
+            elif held_finish is not None:
+                held_finish["pura"] = pura
+                tail.append(encode_event(json.dumps(held_finish).encode()))
+            tail.append(encode_event(b"[DONE]"))
+        yield LastChunk(b"".join(tail))
 
     def _account_stream(
         self,
@@ -905,12 +926,11 @@ class ChatPipeline:
             "confidence": round(verdict.score, 3),
         }
         chunks = completion_to_chunks(completion.data, pura, ctx.client_wants_usage)
-        return StreamingResponse(_iterate(chunks), media_type="text/event-stream", headers=headers)
+        return EventStreamResponse(_replay(chunks), headers=headers)
 
 
-async def _iterate(chunks: list[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
+async def _replay(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    yield LastChunk(b"".join(chunks))  # all known already: one write
 
 
 def completion_to_chunks(data: dict, pura: dict, include_usage: bool) -> list[bytes]:

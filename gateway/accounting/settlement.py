@@ -8,6 +8,10 @@ background task commits everything queued during the last ``delay_ms`` in one tr
 hands the committed records to the record sinks (so the receipt outbox of issue 5 only ever sees
 records that are durable).
 
+The same commit writes the rate-limit counts of the requests admitted since the last one (the
+limit itself is enforced in memory, see :mod:`gateway.accounting.ratelimit`) and each key's last
+use, one statement per key.
+
 Safety: a reservation stays held until its settlement commits, so the budget bound holds
 throughout. If the process dies before a batch commits, those records are lost but their
 reservations are released by the sweeper: the keys are never over-charged. Reports call
@@ -54,6 +58,7 @@ class SettlementQueue:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pura-settlement")
+        self.store.on_unwritten = self._wake.set
 
     def submit(self, settlement: Settlement) -> None:
         self._items.append(settlement)
@@ -74,6 +79,8 @@ class SettlementQueue:
         if self._task is None:
             return
         await self.flush()
+        if self.store.rates.has_unwritten:
+            await self._commit([])
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
@@ -87,7 +94,7 @@ class SettlementQueue:
             batch, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
             if self._items:
                 self._wake.set()
-            if batch:
+            if batch or self.store.rates.has_unwritten:
                 await self._commit(batch)
 
     async def _commit(self, batch: list[Settlement]) -> None:

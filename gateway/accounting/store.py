@@ -2,16 +2,22 @@
 
 Atomicity, the property the seed lacked:
 
-* **Admission** is one transaction: it reads the key's row (``SELECT ... FOR UPDATE`` on
-  PostgreSQL, so admissions of one key run one at a time; SQLite serialises all writers with
-  ``BEGIN IMMEDIATE``), prunes and sums the key's rate-limit buckets, and reserves budget with
-  a single conditional upsert (``INSERT ... ON CONFLICT DO UPDATE SET reserved = reserved + :r
-  WHERE spent + reserved + :r <= :cap``). N concurrent requests therefore can never reserve more
-  than the cap.
-* The rate limit is a sliding window of 60 one-second buckets per key (``rate_buckets``): the
-  count is the sum of the buckets of the last 60 seconds, so the work per request does not grow
-  with the limit, and the window slides every second (a request stops counting 59 to 60 s after
-  it was made).
+* **Budget reservation** is one conditional upsert that holds on both engines under any
+  concurrency (``INSERT ... ON CONFLICT DO UPDATE SET reserved = reserved + :r WHERE spent +
+  reserved + :r <= cap``; PostgreSQL locks the conflicting row and re-checks the condition
+  against its latest version). N concurrent requests therefore can never reserve more than the
+  cap. The cap is read from the key's row *inside* that statement, and a revoked key's row
+  yields no cap, so a revocation or a budget change stops new reservations at once, whatever
+  this process has cached about the key. The reservation row is written in the same transaction,
+  which commits before the upstream is called.
+* **Keys** are cached in this process for ``key_cache_ttl_ms`` (by SHA-256, never the raw key),
+  which saves a statement on every request. Revocation and budget changes do not wait for the
+  cache (see above); what the cache can serve stale for up to the TTL is the rate limit of a key
+  changed by another process (:meth:`Store.set_limits_sync` here clears it at once).
+* The rate limit is a sliding window of 60 one-second buckets per key, counted in memory
+  (exact within the process) and written behind to ``rate_buckets`` in the settlement's group
+  commit; other processes' counts are read back whenever the key is reloaded. See
+  :mod:`gateway.accounting.ratelimit` for what that means across replicas.
 * **Settlement** deletes the reservation row (idempotent: a second settle, or a settle after the
   sweeper released it, changes nothing twice), moves the reserved amount out of ``reserved`` and
   the billed amount into ``spent``, and writes the usage record, in one transaction. The billed
@@ -19,12 +25,14 @@ Atomicity, the property the seed lacked:
   reservation is an upper bound of the cost (see :mod:`gateway.accounting.money`), so the clamp
   only bites if an upstream reports more tokens than physically fit, and the difference is kept
   as ``cost_micros - billed_micros`` in the record.
-* Rejected requests (401/429/402) never record a rate-limit event, so a client hammering a closed
-  window does not keep itself locked out.
+* Requests refused as unauthorized (401) or rate limited (429) are not counted, so a client
+  hammering a closed window does not keep itself locked out; a request refused for its budget
+  (402) counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import secrets
@@ -37,9 +45,9 @@ from typing import Literal
 
 from gateway.accounting.db import PostgresDatabase, SqliteDatabase, Tx
 from gateway.accounting.keys import generate_key, hash_key, key_prefix
+from gateway.accounting.ratelimit import RATE_WINDOW_S, RateWindows
 from gateway.accounting.records import CompletionRecord
 
-RATE_WINDOW_S = 60
 DAY_MS = 86_400_000
 
 _KEY_COLUMNS = (
@@ -106,84 +114,60 @@ class Admission:
 # ----------------------------------------------------------------------------- scripts
 
 
-def _admit(
-    tx: Tx, key_hash: str, reserve_micros: int | None, reservation_id: str, ts: int
-) -> Admission:
-    # SQLite's BEGIN IMMEDIATE already serialises every writer; PostgreSQL needs the key's row
-    # locked so that admissions of one key (rate count + reservation) run one at a time.
-    lock = " FOR UPDATE" if tx.dialect == "postgresql" else ""
+def _load_key(tx: Tx, key_hash: str, since_sec: int) -> tuple[KeyInfo, list[tuple[int, int]]] | None:
+    """The active key with this hash, and its stored rate-limit buckets after ``since_sec``."""
     row = tx.one(
-        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_ms IS NULL{lock}",
-        (key_hash,),
+        f"SELECT {_KEY_COLUMNS} FROM api_keys WHERE key_hash = ? AND revoked_ms IS NULL", (key_hash,)
     )
     if row is None:
-        return Admission("unauthorized")
+        return None
     key = KeyInfo.from_row(row)
-    limit = key.rate_limit_per_min
-    sec = ts // 1000
-    count, oldest = tx.one(
-        "SELECT COALESCE(SUM(n), 0), MIN(sec) FROM rate_buckets WHERE key_id = ? AND sec > ?",
-        (key.id, sec - RATE_WINDOW_S),
-    ) or (0, None)
-    count = int(count)
-    if count >= limit:
-        # the oldest second leaves the window at (oldest + 60) s
-        wait_ms = (int(oldest) + RATE_WINDOW_S) * 1000 - ts if oldest is not None else 1000
-        return Admission(
-            "rate_limited",
-            key=key,
-            rate_limit=limit,
-            rate_remaining=0,
-            retry_after_s=max(1, -(-wait_ms // 1000)),
-        )
-    # The request counts against the rate limit whether or not the budget admits it.
-    tx.execute(
-        "INSERT INTO rate_buckets (key_id, sec, n) VALUES (?, ?, 1)"
-        " ON CONFLICT (key_id, sec) DO UPDATE SET n = rate_buckets.n + 1",
-        (key.id, sec),
+    buckets = tx.all(
+        "SELECT sec, n FROM rate_buckets WHERE key_id = ? AND sec > ?", (key.id, since_sec)
     )
-    remaining_rate = limit - count - 1
-    if reserve_micros is None:
-        return Admission("ok", key=key, rate_limit=limit, rate_remaining=remaining_rate)
+    return key, [(int(sec), int(n)) for sec, n in buckets]
+
+
+# The key's current cap, or NULL when the key is revoked (or gone): a comparison with NULL is
+# never true, so the reservation below fails for a revoked key without a statement of its own.
+_ACTIVE_CAP = "(SELECT daily_budget_micros FROM api_keys WHERE id = ? AND revoked_ms IS NULL)"
+
+
+def _reserve(
+    tx: Tx, key_id: str, reserve_micros: int, reservation_id: str, ts: int
+) -> tuple[Literal["ok", "unauthorized", "budget_exhausted"], int, int]:
+    """Reserve budget for one request: (status, cap, cap - spent - reserved after it)."""
     day = utc_day(ts)
-    cap = key.daily_budget_micros
-    remaining = None
-    if reserve_micros <= cap:
-        # One statement: create today's row with the reservation, or add to it only if it fits.
-        remaining = tx.one(
-            "INSERT INTO budget_days (key_id, day, spent_micros, reserved_micros)"
-            " VALUES (?, ?, 0, ?) ON CONFLICT (key_id, day) DO UPDATE"
-            " SET reserved_micros = budget_days.reserved_micros + excluded.reserved_micros"
-            " WHERE budget_days.spent_micros + budget_days.reserved_micros"
-            " + excluded.reserved_micros <= ?"
-            " RETURNING spent_micros + reserved_micros",
-            (key.id, day, reserve_micros, cap),
-        )
-    if remaining is None:
-        left = tx.one(
+    # One statement: create today's row with the reservation, or add to it, only if it fits
+    # under the key's cap as stored now. INSERT ... SELECT ... WHERE so that the first
+    # reservation of the day is checked too (and SQLite parses the upsert: its SELECT needs a
+    # WHERE).
+    row = tx.one(
+        "INSERT INTO budget_days (key_id, day, spent_micros, reserved_micros)"
+        f" SELECT ?, ?, 0, ? WHERE ? <= {_ACTIVE_CAP}"
+        " ON CONFLICT (key_id, day) DO UPDATE"
+        " SET reserved_micros = budget_days.reserved_micros + excluded.reserved_micros"
+        " WHERE budget_days.spent_micros + budget_days.reserved_micros"
+        f" + excluded.reserved_micros <= {_ACTIVE_CAP}"
+        f" RETURNING spent_micros + reserved_micros, {_ACTIVE_CAP}",
+        (key_id, day, reserve_micros, reserve_micros, key_id, key_id, key_id),
+    )
+    if row is None:
+        (active_cap,) = tx.one(f"SELECT {_ACTIVE_CAP}", (key_id,)) or (None,)
+        if active_cap is None:
+            return "unauthorized", 0, 0
+        cap = int(active_cap)
+        used = tx.one(
             "SELECT spent_micros + reserved_micros FROM budget_days WHERE key_id = ? AND day = ?",
-            (key.id, day),
+            (key_id, day),
         )
-        return Admission(
-            "budget_exhausted",
-            key=key,
-            rate_limit=limit,
-            rate_remaining=remaining_rate,
-            budget_remaining_micros=max(0, cap - int(left[0])) if left else cap,
-        )
+        return "budget_exhausted", cap, max(0, cap - (int(used[0]) if used else 0))
     tx.execute(
         "INSERT INTO reservations (id, key_id, day, amount_micros, created_ms) VALUES (?, ?, ?, ?, ?)",
-        (reservation_id, key.id, day, reserve_micros, ts),
+        (reservation_id, key_id, day, reserve_micros, ts),
     )
-    return Admission(
-        "ok",
-        key=key,
-        rate_limit=limit,
-        rate_remaining=remaining_rate,
-        budget_remaining_micros=cap - int(remaining[0]),
-        reservation_id=reservation_id,
-        reserved_micros=reserve_micros,
-    )
+    cap = int(row[1])
+    return "ok", cap, cap - int(row[0])
 
 
 def _extend(tx: Tx, reservation_id: str, extra: int, cap: int) -> int | None:
@@ -208,92 +192,130 @@ def _extend(tx: Tx, reservation_id: str, extra: int, cap: int) -> int | None:
     return int(remaining[0])
 
 
+# SQLite allows 32766 variables per statement (PostgreSQL 65535); a batch stays well below.
+_IDS_PER_STATEMENT = 500
+
+
 def _settle(
-    tx: Tx, reservation_id: str | None, record: CompletionRecord, cap: int
-) -> tuple[int, int]:
-    """Returns (billed_micros, budget remaining)."""
-    res = None
-    if reservation_id is not None:
-        res = tx.one(
-            "DELETE FROM reservations WHERE id = ? RETURNING amount_micros, day",
-            (reservation_id,),
+    tx: Tx, items: list[tuple[str | None, CompletionRecord, int]]
+) -> list[tuple[int, int]]:
+    """Settle requests ``(reservation id, record, cap)``: release, bill, record.
+
+    One statement per kind of change rather than per request (the settlement queue hands over
+    every request completed in the last few milliseconds): one DELETE releases the batch's
+    reservations, each key's day is updated once, the records go in with ``executemany``.
+    Returns ``(billed, budget remaining after the batch)`` per item.
+    """
+    held: dict[str, tuple[int, str]] = {}
+    ids = [rid for rid, _record, _cap in items if rid is not None]
+    for start in range(0, len(ids), _IDS_PER_STATEMENT):
+        chunk = ids[start : start + _IDS_PER_STATEMENT]
+        marks = ", ".join("?" * len(chunk))
+        rows = tx.all(
+            f"DELETE FROM reservations WHERE id IN ({marks}) RETURNING id, amount_micros, day", chunk
         )
-    if res is not None:
-        # The common path: the reservation is still open, so this is the first settle.
-        amount, day = int(res[0]), res[1]
-        billed = min(record.cost_micros, amount)
-        used = tx.one(
-            "UPDATE budget_days SET reserved_micros = reserved_micros - ?,"
-            " spent_micros = spent_micros + ? WHERE key_id = ? AND day = ?"
-            " RETURNING spent_micros + reserved_micros",
-            (amount, billed, record.key_id, day),
-        )
-    else:
-        day = utc_day(record.created_ms)
-        if tx.one("SELECT 1 FROM usage_records WHERE request_id = ?", (record.request_id,)):
-            # Already settled (its reservation went in the same transaction): bill nothing twice.
-            used = tx.one(
-                "SELECT spent_micros + reserved_micros FROM budget_days WHERE key_id = ? AND day = ?",
-                (record.key_id, day),
+        held.update((rid, (int(amount), day)) for rid, amount, day in rows)
+
+    pending: dict[tuple[str, str], list[int]] = {}  # (key, day) -> [released, billed] to apply
+    used: dict[tuple[str, str], int] = {}  # (key, day) -> spent + reserved once applied
+
+    def apply() -> None:
+        for (key_id, day), (released, billed) in pending.items():
+            row = tx.one(
+                "UPDATE budget_days SET reserved_micros = reserved_micros - ?,"
+                " spent_micros = spent_micros + ? WHERE key_id = ? AND day = ?"
+                " RETURNING spent_micros + reserved_micros",
+                (released, billed, key_id, day),
             )
-            return 0, cap - (int(used[0]) if used else 0)
-        # The reservation was released by the sweeper (or none was needed): bill what still
-        # fits under the cap, never more.
-        tx.execute(
-            "INSERT INTO budget_days (key_id, day, spent_micros, reserved_micros)"
-            " VALUES (?, ?, 0, 0) ON CONFLICT (key_id, day) DO NOTHING",
-            (record.key_id, day),
-        )
+            used[(key_id, day)] = int(row[0]) if row else 0
+        pending.clear()
+
+    def current(key_id: str, day: str) -> int:
         row = tx.one(
             "SELECT spent_micros + reserved_micros FROM budget_days WHERE key_id = ? AND day = ?",
-            (record.key_id, day),
+            (key_id, day),
         )
-        billed = max(0, min(record.cost_micros, cap - int(row[0])))
-        used = tx.one(
-            "UPDATE budget_days SET spent_micros = spent_micros + ? WHERE key_id = ? AND day = ?"
-            " RETURNING spent_micros + reserved_micros",
-            (billed, record.key_id, day),
-        )
-    tx.execute(
-        "UPDATE api_keys SET last_used_ms = ? WHERE id = ? AND (last_used_ms IS NULL OR last_used_ms < ?)",
-        (record.created_ms, record.key_id, record.created_ms),
-    )
-    tx.execute(
+        return int(row[0]) if row else 0
+
+    billed_by_item: list[tuple[int, str]] = []
+    recorded: list[tuple[CompletionRecord, int]] = []
+    settled: set[str] = set()
+    for rid, record, cap in items:
+        res = held.pop(rid, None) if rid is not None else None
+        if res is not None:
+            # The common path: the reservation was still open, so this is the first settle.
+            amount, day = res
+            billed = min(record.cost_micros, amount)
+            delta = pending.setdefault((record.key_id, day), [0, 0])
+            delta[0] += amount
+            delta[1] += billed
+        else:
+            apply()  # the paths below read the budget row: bring it up to date first
+            day = utc_day(record.created_ms)
+            if record.request_id in settled or tx.one(
+                "SELECT 1 FROM usage_records WHERE request_id = ?", (record.request_id,)
+            ):
+                # Already settled (its reservation went with it): bill nothing twice.
+                used.setdefault((record.key_id, day), current(record.key_id, day))
+                billed_by_item.append((0, day))
+                continue
+            # The reservation was released by the sweeper (or none was needed): bill what still
+            # fits under the cap, never more.
+            tx.execute(
+                "INSERT INTO budget_days (key_id, day, spent_micros, reserved_micros)"
+                " VALUES (?, ?, 0, 0) ON CONFLICT (key_id, day) DO NOTHING",
+                (record.key_id, day),
+            )
+            billed = max(0, min(record.cost_micros, cap - current(record.key_id, day)))
+            row = tx.one(
+                "UPDATE budget_days SET spent_micros = spent_micros + ? WHERE key_id = ? AND day = ?"
+                " RETURNING spent_micros + reserved_micros",
+                (billed, record.key_id, day),
+            )
+            used[(record.key_id, day)] = int(row[0])
+        settled.add(record.request_id)
+        billed_by_item.append((billed, day))
+        recorded.append((record, billed))
+    apply()
+    tx.many(
         "INSERT INTO usage_records (request_id, key_id, created_ms, finished_ms, outcome,"
         " http_status, provider, model, tier, stream, prompt_tokens, completion_tokens,"
         " usage_estimated, cost_micros, billed_micros, premium_cost_micros, attempts,"
         " cascade_depth, confidence_milli, explored, latency_ms, response_sha256)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            record.request_id,
-            record.key_id,
-            record.created_ms,
-            record.finished_ms,
-            record.outcome,
-            record.http_status,
-            record.provider,
-            record.model,
-            record.tier,
-            int(record.stream),
-            record.prompt_tokens,
-            record.completion_tokens,
-            int(record.usage_estimated),
-            record.cost_micros,
-            billed,
-            record.premium_cost_micros,
-            len(record.attempts),
-            record.cascade_depth,
-            None if record.confidence is None else round(record.confidence * 1000),
-            int(record.explored),
-            record.latency_ms,
-            record.response_sha256,
-        ),
+        [
+            (
+                record.request_id,
+                record.key_id,
+                record.created_ms,
+                record.finished_ms,
+                record.outcome,
+                record.http_status,
+                record.provider,
+                record.model,
+                record.tier,
+                int(record.stream),
+                record.prompt_tokens,
+                record.completion_tokens,
+                int(record.usage_estimated),
+                record.cost_micros,
+                billed,
+                record.premium_cost_micros,
+                len(record.attempts),
+                record.cascade_depth,
+                None if record.confidence is None else round(record.confidence * 1000),
+                int(record.explored),
+                record.latency_ms,
+                record.response_sha256,
+            )
+            for record, billed in recorded
+        ],
     )
-    for seq, attempt in enumerate(record.attempts):
-        tx.execute(
-            "INSERT INTO usage_attempts (request_id, seq, key_id, created_ms, provider, model,"
-            " tier, outcome, cost_micros, latency_ms, score_milli)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    tx.many(
+        "INSERT INTO usage_attempts (request_id, seq, key_id, created_ms, provider, model,"
+        " tier, outcome, cost_micros, latency_ms, score_milli)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
             (
                 record.request_id,
                 seq,
@@ -306,9 +328,36 @@ def _settle(
                 attempt.cost_micros,
                 attempt.latency_ms,
                 None if attempt.score is None else round(attempt.score * 1000),
-            ),
+            )
+            for record, _billed in recorded
+            for seq, attempt in enumerate(record.attempts)
+        ],
+    )
+    return [
+        (billed, cap - used[(record.key_id, day)])
+        for (_rid, record, cap), (billed, day) in zip(items, billed_by_item)
+    ]
+
+
+def _touch_keys(tx: Tx, records: list[CompletionRecord]) -> None:
+    """Record each key's last use: one statement per key, not per request."""
+    last: dict[str, int] = {}
+    for record in records:
+        last[record.key_id] = max(last.get(record.key_id, 0), record.created_ms)
+    for key_id, ms in last.items():
+        tx.execute(
+            "UPDATE api_keys SET last_used_ms = ? WHERE id = ? AND (last_used_ms IS NULL OR last_used_ms < ?)",
+            (ms, key_id, ms),
         )
-    return billed, cap - (int(used[0]) if used else 0)
+
+
+def _write_rate_counts(tx: Tx, counts: list[tuple[str, int, int]]) -> None:
+    for key_id, sec, n in counts:
+        tx.execute(
+            "INSERT INTO rate_buckets (key_id, sec, n) VALUES (?, ?, ?)"
+            " ON CONFLICT (key_id, sec) DO UPDATE SET n = rate_buckets.n + excluded.n",
+            (key_id, sec, n),
+        )
 
 
 def _prune_rate_buckets(tx: Tx, now: int) -> int:
@@ -337,11 +386,20 @@ class Store:
     """Async accounting API over a :class:`~gateway.accounting.db.Database`."""
 
     def __init__(
-        self, db: SqliteDatabase | PostgresDatabase, clock: Callable[[], int] = now_ms
+        self,
+        db: SqliteDatabase | PostgresDatabase,
+        clock: Callable[[], int] = now_ms,
+        key_cache_ttl_ms: int = 1000,
     ) -> None:
         self.db = db
         self.clock = clock  # milliseconds since the epoch; injectable for window tests
         self._ids = random.Random(os.urandom(32))
+        self.key_cache_ttl_ms = key_cache_ttl_ms
+        self._keys: dict[str, tuple[KeyInfo, int]] = {}  # key hash -> (key, reload at ms)
+        self.rates = RateWindows()
+        # Called when there are rate-limit counts to write; the settlement queue hooks its wake-up
+        # in here, so that the counts ride on its next group commit.
+        self.on_unwritten: Callable[[], None] = lambda: None
 
     # ---- keys (sync variants serve the CLI)
 
@@ -392,7 +450,11 @@ class Store:
             tx.execute("UPDATE api_keys SET revoked_ms = ? WHERE id = ?", (ts, rows[0][0]))
             return [KeyInfo.from_row(rows[0])]
 
-        return self.db.run_sync(script)
+        revoked = self.db.run_sync(script)
+        # Not needed for the revocation to hold (every reservation checks the stored key), but
+        # this process then stops serving what it cached about the key at once.
+        self._keys.clear()
+        return revoked
 
     def set_limits_sync(
         self, id_or_prefix: str, daily_budget_micros: int | None, rate_limit_per_min: int | None
@@ -411,7 +473,9 @@ class Store:
                 )
             return n
 
-        return self.db.run_sync(script)
+        changed = self.db.run_sync(script)
+        self._keys.clear()  # the new rate limit applies from the next request in this process
+        return changed
 
     async def authenticate(self, raw_key: str) -> KeyInfo | None:
         row = await self.db.run(
@@ -425,16 +489,105 @@ class Store:
     # ---- request path
 
     async def admit(
-        self, raw_key: str, reserve_micros: int | None, reservation_id: str | None = None
+        self,
+        raw_key: str,
+        reserve_micros: int | None,
+        reservation_id: str | None = None,
+        alone: bool = False,
     ) -> Admission:
-        """Authenticate, count against the rate limit and reserve budget, atomically."""
-        reservation_id = reservation_id or f"res_{self._ids.getrandbits(96):024x}"
+        """Authenticate, count against the rate limit and (if asked) reserve budget.
+
+        Only the reservation touches the database on the common path: the key comes from the
+        cache and the rate limit is checked and counted in memory, in one synchronous step, so
+        concurrent admissions of one key cannot both take its last slot. ``alone`` says that no
+        other request is in flight: on SQLite the reservation then commits at once instead of
+        waiting a loop turn for other admissions to share its commit.
+        """
         key_hash = hash_key(raw_key)
         ts = self.clock()
-        script = lambda tx: _admit(tx, key_hash, reserve_micros, reservation_id, ts)  # noqa: E731
-        if isinstance(self.db, SqliteDatabase):
-            return await self.db.run_grouped(script)  # group commit under load
-        return await self.db.run(script)
+        sec = ts // 1000
+        # Requests without a reservation (reports, requests refused before routing) are the rare
+        # ones that act on what the key is now (admin flag, revocation): they read it afresh.
+        key = self._cached_key(key_hash, ts) if reserve_micros is not None else None
+        fresh = key is None
+        if fresh and (key := await self._load_key(key_hash, ts)) is None:
+            return Admission("unauthorized")
+        count, oldest = self.rates.window(key.id).count(sec)
+        if count >= key.rate_limit_per_min and not fresh:
+            # Refused on what the cache knows: look again, as the key may have been revoked (a
+            # 401, not a 429), its limit raised, or other processes' counts have slid out.
+            if (key := await self._load_key(key_hash, ts)) is None:
+                return Admission("unauthorized")
+            count, oldest = self.rates.window(key.id).count(sec)
+        limit = key.rate_limit_per_min
+        if count >= limit:
+            # the oldest second leaves the window at (oldest + 60) s
+            wait_ms = (oldest + RATE_WINDOW_S) * 1000 - ts if oldest is not None else 1000
+            return Admission(
+                "rate_limited",
+                key=key,
+                rate_limit=limit,
+                rate_remaining=0,
+                retry_after_s=max(1, -(-wait_ms // 1000)),
+            )
+        # Counted now, before any await: the request counts whether or not the budget admits it.
+        self.rates.add(key.id, sec)
+        self.on_unwritten()
+        remaining_rate = limit - count - 1
+        if reserve_micros is None:
+            return Admission("ok", key=key, rate_limit=limit, rate_remaining=remaining_rate)
+        reservation_id = reservation_id or f"res_{self._ids.getrandbits(96):024x}"
+        script = lambda tx: _reserve(tx, key.id, reserve_micros, reservation_id, ts)  # noqa: E731
+        try:
+            if isinstance(self.db, SqliteDatabase) and not alone:
+                status, cap, remaining = await self.db.run_grouped(script)  # group commit under load
+            else:
+                status, cap, remaining = await self.db.run(script)
+        except BaseException:
+            self.rates.add(key.id, sec, -1)  # not admitted after all
+            raise
+        if status == "unauthorized":  # revoked since it was cached
+            self.rates.add(key.id, sec, -1)
+            self._keys.pop(key_hash, None)
+            return Admission("unauthorized")
+        if cap != key.daily_budget_micros:  # changed since it was cached: the stored cap rules
+            key = dataclasses.replace(key, daily_budget_micros=cap)
+            self._keys.pop(key_hash, None)
+        if status == "budget_exhausted":
+            return Admission(
+                "budget_exhausted",
+                key=key,
+                rate_limit=limit,
+                rate_remaining=remaining_rate,
+                budget_remaining_micros=remaining,
+            )
+        return Admission(
+            "ok",
+            key=key,
+            rate_limit=limit,
+            rate_remaining=remaining_rate,
+            budget_remaining_micros=remaining,
+            reservation_id=reservation_id,
+            reserved_micros=reserve_micros,
+        )
+
+    def _cached_key(self, key_hash: str, ts: int) -> KeyInfo | None:
+        cached = self._keys.get(key_hash)
+        if cached is None or ts >= cached[1]:
+            return None
+        return cached[0]
+
+    async def _load_key(self, key_hash: str, ts: int) -> KeyInfo | None:
+        """Read the key and the stored counts of its window, and cache the key."""
+        found = await self.db.run(lambda tx: _load_key(tx, key_hash, ts // 1000 - RATE_WINDOW_S))
+        if found is None:
+            self._keys.pop(key_hash, None)
+            return None
+        key, buckets = found
+        self.rates.window(key.id).load(buckets)
+        if self.key_cache_ttl_ms > 0:
+            self._keys[key_hash] = (key, ts + self.key_cache_ttl_ms)
+        return key
 
     async def extend(self, reservation_id: str, extra_micros: int, cap_micros: int) -> int | None:
         """Grow a reservation (cascade escalation); None when the budget cannot cover it."""
@@ -444,18 +597,34 @@ class Store:
         self, reservation_id: str | None, record: CompletionRecord, cap_micros: int
     ) -> tuple[int, int]:
         """Release the reservation, bill the record; returns (billed, budget remaining)."""
-        return await self.db.run(lambda tx: _settle(tx, reservation_id, record, cap_micros))
+        return (await self.settle_many([(reservation_id, record, cap_micros)]))[0]
 
     async def settle_many(
         self, items: list[tuple[str | None, CompletionRecord, int]]
     ) -> list[tuple[int, int]]:
-        """Settle several requests in one transaction (group commit)."""
-        return await self.db.run(lambda tx: [_settle(tx, r, rec, cap) for r, rec, cap in items])
+        """Settle several requests in one transaction (group commit), together with the
+        rate-limit counts not written yet."""
+        counts = self.rates.take_unwritten()
+
+        def script(tx: Tx) -> list[tuple[int, int]]:
+            results = _settle(tx, items)
+            _touch_keys(tx, [rec for _r, rec, _cap in items])
+            _write_rate_counts(tx, counts)
+            return results
+
+        try:
+            return await self.db.run(script)
+        except Exception:  # not committed: the next write carries them
+            self.rates.restore_unwritten(counts)
+            raise
 
     async def release_stale(self, max_age_ms: int) -> int:
-        """Release reservations older than ``max_age_ms`` and prune old rate-limit buckets."""
+        """Release reservations older than ``max_age_ms``, prune old rate-limit buckets and
+        forget cached keys and windows that are no longer used."""
         now = self.clock()
         await self.db.run(lambda tx: _prune_rate_buckets(tx, now))
+        self.rates.prune(now // 1000)
+        self._keys = {h: cached for h, cached in self._keys.items() if now < cached[1]}
         return await self.db.run(lambda tx: _release_stale(tx, now - max_age_ms))
 
     async def budget_state(self, key_id: str) -> tuple[int, int]:

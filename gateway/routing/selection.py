@@ -41,10 +41,11 @@ class Route:
     model: ModelConfig
     price: Price
     order: int  # position in the routing file, the tie-breaker
+    # "provider/model": computed once, as every request looks it up a dozen times
+    key: str = field(init=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        return f"{self.provider.name}/{self.model.id}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.provider.name}/{self.model.id}")
 
     @property
     def provider_name(self) -> str:

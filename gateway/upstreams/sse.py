@@ -17,16 +17,14 @@ class SSEParser:
         self._data: list[bytes] = []
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        self._buffer += chunk
-        if b"\r" in self._buffer:
-            self._buffer = self._buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        buffer = self._buffer + chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        # one split, not a slice per line: a read often holds a whole answer's events
+        lines = buffer.split(b"\n")
+        self._buffer = lines.pop()  # the unterminated rest (b"" when the chunk ended a line)
         events: list[bytes] = []
-        while True:
-            newline = self._buffer.find(b"\n")
-            if newline < 0:
-                break
-            line = self._buffer[:newline]
-            self._buffer = self._buffer[newline + 1 :]
+        for line in lines:
             if not line:
                 if self._data:
                     events.append(b"\n".join(self._data))

@@ -324,3 +324,59 @@ def test_one_structured_log_line_per_request(stack, client: openai.OpenAI) -> No
     assert first["provider"] in ("cheap-a", "cheap-b") and first["tier"] == "cheap"
     assert first["cost_micros"] > 0 and "latency_ms" in first and first["logger"] == "pura.request"
     assert lines[1]["error"] == "upstream_failed" and lines[1]["attempts"] == 2
+
+
+def test_chat_cors_headers_only_for_browser_requests(stack, api_key) -> None:
+    body = {"model": "stand-in-small", "messages": USER}
+    auth = {"Authorization": f"Bearer {api_key}"}
+    browser = httpx.post(stack.base_url + "/chat/completions", json=body,
+                         headers=auth | {"Origin": "https://app.example"})
+    assert browser.status_code == 200
+    assert browser.headers["access-control-allow-origin"] in ("*", "https://app.example")
+    assert "X-Pura-Cost" in browser.headers["access-control-expose-headers"]
+    api = httpx.post(stack.base_url + "/chat/completions", json=body, headers=auth)
+    assert api.status_code == 200 and "access-control-allow-origin" not in api.headers
+
+
+def test_unexpected_error_on_the_chat_path_is_an_openai_500(stack, api_key, monkeypatch) -> None:
+    async def broken(_request):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(stack.services.pipeline, "handle", broken)
+    response = httpx.post(stack.base_url + "/chat/completions", json={"messages": USER},
+                          headers={"Authorization": f"Bearer {api_key}"})
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "internal_error"
+
+
+def test_client_leaving_mid_stream_stops_the_relay_and_bills_what_was_delivered(stack, api_key) -> None:
+    import time
+
+    from gateway.accounting.records import CompletionRecord
+
+    captured: list[CompletionRecord] = []
+
+    class Capture:
+        async def publish(self, record: CompletionRecord) -> None:
+            captured.append(record)
+
+    stack.providers["prem-a"].configure(chunk_delay_ms=200)  # about 3 s for the whole answer
+    stack.services.pipeline.sinks.append(Capture())
+    try:
+        started = time.monotonic()
+        with httpx.stream("POST", stack.base_url + "/chat/completions",
+                          json={"model": "stand-in-large", "messages": USER, "stream": True},
+                          headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as response:
+            lines = response.iter_lines()
+            assert next(line for line in lines if line.startswith("data: {"))
+        # the client is gone: the gateway notices while waiting for the upstream, not at its end
+        deadline = time.monotonic() + 10
+        while not captured and time.monotonic() < deadline:
+            httpx.get(stack.gateway.url + "/api/report", headers={"Authorization": f"Bearer {api_key}"})
+            time.sleep(0.05)
+    finally:
+        stack.services.pipeline.sinks.pop()
+    (record,) = captured
+    assert record.http_status == 499 and record.outcome == "partial"
+    assert record.attempts[-1].outcome == "cut" and 0 < record.cost_micros
+    assert time.monotonic() - started < 2  # well before the upstream would have finished

@@ -190,3 +190,137 @@ def test_grouped_scripts_share_a_commit_but_fail_alone(tmp_path: Path) -> None:
     assert isinstance(duplicate, Exception)  # the duplicate key failed alone
     assert db.run_sync(lambda tx: tx.all("SELECT v FROM t ORDER BY v")) == [(1,), (2,)]
     db.close_sync()
+
+
+# ---------------------------------------------------------------- keys cached per process
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.ms = 1_800_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+
+@pytest.fixture()
+def two_stores(db_url: str) -> Iterator[tuple[Store, Store, _Clock]]:
+    """Two stores on their own connections: two gateway processes (or one and the CLI) sharing
+    one database, on one clock. Keys are cached for 1 s."""
+    clock = _Clock()
+    dbs = [open_database(db_url) for _ in range(2)]
+    migrate(dbs[0])
+    yield Store(dbs[0], clock=clock, key_cache_ttl_ms=1_000), Store(dbs[1], clock=clock, key_cache_ttl_ms=1_000), clock
+    for db in dbs:
+        db.close_sync()
+
+
+def test_revocation_elsewhere_refuses_a_cached_key_at_once(two_stores) -> None:
+    gateway, cli, _clock = two_stores
+    raw, info = cli.create_key_sync("", 10_000, 100)
+    assert asyncio.run(gateway.admit(raw, 100)).status == "ok"  # the key is cached now
+    assert cli.revoke_key_sync(info.id)
+    # well within the cache's TTL: the reservation reads the stored key, not the cache
+    assert asyncio.run(gateway.admit(raw, 100)).status == "unauthorized"
+    assert asyncio.run(gateway.admit(raw, None)).status == "unauthorized"
+    assert asyncio.run(gateway.budget_state(info.id)) == (0, 100)  # nothing reserved after it
+
+
+def test_revoked_key_at_its_rate_limit_gets_401_not_429(two_stores) -> None:
+    gateway, cli, _clock = two_stores
+    raw, info = cli.create_key_sync("", 10_000, 1)
+    assert asyncio.run(gateway.admit(raw, 100)).status == "ok"
+    assert asyncio.run(gateway.admit(raw, 100)).status == "rate_limited"
+    cli.revoke_key_sync(info.id)
+    assert asyncio.run(gateway.admit(raw, 100)).status == "unauthorized"
+
+
+def test_cached_key_sees_budget_changes_and_spending_elsewhere_at_once(two_stores) -> None:
+    gateway, other, _clock = two_stores
+    raw, info = other.create_key_sync("", 10_000, 100)
+    assert asyncio.run(gateway.admit(raw, 1_000)).status == "ok"  # cached with a 10_000 cap
+    assert other.set_limits_sync(info.id, 3_000, None) == 1
+    refused = asyncio.run(gateway.admit(raw, 2_500))
+    assert refused.status == "budget_exhausted" and refused.budget_remaining_micros == 2_000
+    assert asyncio.run(other.admit(raw, 1_500)).status == "ok"  # another process reserves
+    assert asyncio.run(gateway.admit(raw, 600)).status == "budget_exhausted"  # 1000+1500+600 > 3000
+    fits = asyncio.run(gateway.admit(raw, 500))
+    assert fits.status == "ok" and fits.budget_remaining_micros == 0
+    assert fits.key.daily_budget_micros == 3_000  # the stored cap, not the cached one
+
+
+def test_rate_limit_change_elsewhere_applies_within_the_cache_ttl(two_stores) -> None:
+    gateway, cli, clock = two_stores
+    raw, info = cli.create_key_sync("", 10_000, 5)
+    for _ in range(2):
+        assert asyncio.run(gateway.admit(raw, 1)).status == "ok"
+    cli.set_limits_sync(info.id, None, 2)
+    # the documented delay: up to the cache's TTL on the old limit ...
+    assert asyncio.run(gateway.admit(raw, 1)).status == "ok"
+    clock.ms += 1_000
+    # ... then the new one
+    limited = asyncio.run(gateway.admit(raw, 1))
+    assert limited.status == "rate_limited" and limited.rate_limit == 2
+
+
+def test_rate_limit_counts_reach_other_processes_and_restarts_through_the_database(two_stores, db_url) -> None:
+    a, b, clock = two_stores
+    raw, _info = a.create_key_sync("", 10_000, 4)
+    assert [asyncio.run(a.admit(raw, None)).status for _ in range(2)] == ["ok", "ok"]
+    asyncio.run(a.settle_many([]))  # the settlement's group commit writes the counts behind
+    seen = asyncio.run(b.admit(raw, 1))  # b loads the key with the stored counts
+    assert seen.status == "ok" and seen.rate_remaining == 1
+    asyncio.run(b.settle_many([]))
+    # Within a's cache TTL, a still counts b's request as unseen: the documented excess across
+    # processes (4 admitted against a limit of 4 here, one more than a single process allows).
+    assert asyncio.run(a.admit(raw, 1)).rate_remaining == 1
+    asyncio.run(a.settle_many([]))
+    clock.ms += 1_000  # a reloads the key and the stored counts: everyone's 4 requests
+    assert asyncio.run(a.admit(raw, 1)).status == "rate_limited"
+    # a restarted process starts from the stored window, not from zero
+    db = open_database(db_url)
+    try:
+        restarted = Store(db, clock=clock)
+        assert asyncio.run(restarted.admit(raw, 1)).status == "rate_limited"
+    finally:
+        db.close_sync()
+
+
+def test_batched_settlement_bills_like_settling_one_by_one(store: Store) -> None:
+    raw1, k1 = store.create_key_sync("", 10_000, 100)
+    raw2, k2 = store.create_key_sync("", 10_000, 100)
+    ts = store.clock()
+
+    def record(key_id: str, rid: str, cost: int) -> CompletionRecord:
+        return CompletionRecord(
+            request_id=rid, key_id=key_id, created_ms=ts, finished_ms=ts, outcome="ok",
+            http_status=200, provider="p", model="m", tier="cheap", stream=False, prompt_tokens=1,
+            completion_tokens=1, usage_estimated=False, cost_micros=cost, billed_micros=cost,
+            premium_cost_micros=cost, cascade_depth=0, confidence=None, explored=False, latency_ms=1,
+            response_sha256=None, attempts=(AttemptRecord("p", "m", "cheap", "ok", cost, 1),),
+        )
+
+    r1 = asyncio.run(store.admit(raw1, 300, "req_1"))
+    r2 = asyncio.run(store.admit(raw1, 400, "req_2"))
+    r3 = asyncio.run(store.admit(raw2, 100, "req_3"))
+    r4 = asyncio.run(store.admit(raw2, 100, "req_4"))
+    asyncio.run(store.settle(r4.reservation_id, record(k2.id, "req_4", 70), 10_000))  # earlier batch
+    now = store.clock
+    store.clock = lambda: ts - 2_000  # r5 is two seconds old ...
+    r5 = asyncio.run(store.admit(raw1, 200, "req_5"))
+    store.clock = now
+    assert asyncio.run(store.release_stale(1_000)) == 1  # ... so the sweeper releases it alone
+    results = asyncio.run(store.settle_many([
+        (r1.reservation_id, record(k1.id, "req_1", 100), 10_000),
+        (r2.reservation_id, record(k1.id, "req_2", 500), 10_000),  # clamped to its 400
+        (r3.reservation_id, record(k2.id, "req_3", 50), 10_000),
+        (r1.reservation_id, record(k1.id, "req_1", 100), 10_000),  # settled twice in one batch
+        (r4.reservation_id, record(k2.id, "req_4", 70), 10_000),  # settled in an earlier batch
+        (r5.reservation_id, record(k1.id, "req_5", 150), 10_000),  # swept: billed what fits
+    ]))
+    assert [billed for billed, _left in results] == [100, 400, 50, 0, 0, 150]
+    assert {left for billed, left in results[:2] + results[3:4] + results[5:]} == {10_000 - 650}
+    assert asyncio.run(store.budget_state(k1.id)) == (650, 0)
+    assert asyncio.run(store.budget_state(k2.id)) == (120, 0)
+    rows = asyncio.run(store.report_rows(None, ts - 1))
+    assert [int(x) for x in rows["totals"][:2]] == [5, 770]  # one record per request
