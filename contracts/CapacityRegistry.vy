@@ -26,6 +26,7 @@ from snekmate.utils import ecdsa
 from modules import epoch_clock
 from modules import token_io
 from modules import ewma
+from modules import signatures
 
 initializes: ownable
 initializes: ownable_2step[ownable := ownable]
@@ -58,7 +59,6 @@ WAD: constant(uint256) = 10**18
 #   bits 224..231  status   FREE / ACTIVE / LEAVING
 MASK32: constant(uint256) = 2**32 - 1
 MASK96: constant(uint256) = 2**96 - 1
-S_MASK: constant(uint256) = 2**255 - 1  # s of an EIP-2098 vs word
 STATUS_FREE: constant(uint256) = 0
 STATUS_ACTIVE: constant(uint256) = 1
 STATUS_LEAVING: constant(uint256) = 2
@@ -435,14 +435,14 @@ def submit_attestations(task_type: bytes32, attestations: DynArray[Attestation, 
         ))
         # signatures._recover_compact's rule, inlined: an internal call per entry costs
         # ~120 gas (0.8% of an attestation); tests pin both copies to the same rule
-        sig_s: uint256 = a.vs & S_MASK
+        sig_s: uint256 = a.vs & signatures.S_MASK
         if (
             sig_s > ecdsa._MALLEABILITY_THRESHOLD or sig_s == 0 or a.r == 0
             or ecrecover(digest, unsafe_add(a.vs >> 255, 27), a.r, sig_s) != sink
         ):
             log AttestationRejected(task_type=task_type, sink=sink, nonce=nonce, reason=REJECT_BAD_SIGNATURE)
             continue
-        # the signal up to now under the old target (as _smoothed, inlined: hot path)
+        # the signal up to now under the old target, read from the packed word as `capacities` does
         s: uint256 = word & MASK96
         e0: uint256 = (word >> 160) & MASK32
         if now_epoch > e0:
@@ -726,23 +726,6 @@ def _advance(st: CapState, now_epoch: uint256) -> CapState:
     out.s = ewma._advance(st.s, min(st.declared, st.cap) * WAD, now_epoch - st.e0, DECAY_WAD)
     out.e0 = now_epoch
     return out
-
-
-@internal
-@view
-def _smoothed(word: uint256, now_epoch: uint256) -> uint256:
-    """
-    @dev The signal of a packed word at `now_epoch`, without unpacking it: the hot path of
-         `capacities` (once per sink per rebalance) and of attestations.
-    """
-    s: uint256 = word & MASK96
-    e0: uint256 = (word >> 160) & MASK32
-    if now_epoch <= e0:
-        return s
-    target: uint256 = min((word >> 96) & MASK32, (word >> 128) & MASK32) * WAD
-    if s == target:
-        return s
-    return ewma._step(s, target, ewma._decay(unsafe_sub(now_epoch, e0), DECAY_WAD))  # now_epoch > e0
 
 
 @internal
