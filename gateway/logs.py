@@ -13,6 +13,12 @@ import logging
 import sys
 import time
 
+import msgspec
+
+# one JSON object per line; what JSON has no spelling for is written as its str(), as the
+# standard library's ``default=str`` did
+_LINES = msgspec.json.Encoder(enc_hook=str)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
@@ -74,5 +80,5 @@ class RequestLog:
             return
         stream = self._stream or sys.stderr
         records, self._records = self._records, []
-        stream.write("".join(json.dumps(r, default=str, separators=(",", ":")) + "\n" for r in records))
+        stream.write(_LINES.encode_lines(records).decode())
         stream.flush()

@@ -15,7 +15,6 @@ can ride in the final chunk (``"pura": {...}``); content chunks are forwarded as
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -30,6 +29,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import errors
+from gateway.jsonio import dumps, loads
 from gateway.accounting.money import (
     estimate_tokens,
     format_usd,
@@ -253,7 +253,7 @@ class ChatPipeline:
         if len(raw) > self.max_body_bytes:
             raise errors.too_large(self.max_body_bytes)
         try:
-            body = json.loads(raw, parse_constant=_reject_constant)
+            body = loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise errors.bad_request("The request body is not valid JSON.", code="invalid_json")
         if not isinstance(body, dict):
@@ -425,7 +425,7 @@ class ChatPipeline:
             if "stream" in body:
                 body["stream"] = False
             body.pop("stream_options", None)
-        return json.dumps(body, separators=(",", ":")).encode()
+        return dumps(body)
 
     def _usage(self, ctx: RequestContext, reported: tuple[int, int] | None, text: str) -> Usage:
         if reported is not None:
@@ -652,7 +652,7 @@ class ChatPipeline:
             try:
                 first = stream.pending[0]
                 if first.strip() != b"[DONE]":
-                    obj = json.loads(first)
+                    obj = loads(first)
                     if not isinstance(obj, dict):
                         raise ValueError("chunk is not an object")
                     if "error" in obj:
@@ -690,8 +690,8 @@ class ChatPipeline:
                 broken: UpstreamFailure | None = None
                 for data in batch:
                     try:
-                        obj = json.loads(data)
-                        if not isinstance(obj, dict):
+                        obj = loads(data)
+                        if type(obj) is not dict:
                             raise ValueError
                     except ValueError:
                         broken = UpstreamFailure("malformed", "stream event is not JSON")
@@ -701,17 +701,24 @@ class ChatPipeline:
                         break
                     if STREAM_SIGNATURE_FIELD in obj:  # a sidecar's receipt signature: ours, not the client's
                         ctx.sink_sigs[route.key] = obj.pop(STREAM_SIGNATURE_FIELD)
-                        data = json.dumps(obj).encode()
-                    usage = _reported_usage(obj)
-                    if usage is not None:
-                        reported = usage
-                    choices = obj.get("choices") or []
+                        data = dumps(obj)
+                    usage = None
+                    if obj.get("usage") is not None:
+                        usage = _reported_usage(obj)
+                        if usage is not None:
+                            reported = usage
+                    choices = obj.get("choices") or ()
                     finishing = False
                     for choice in choices:
-                        if not isinstance(choice, dict):
+                        if type(choice) is not dict:
                             continue
-                        delta = choice.get("delta") or {}
-                        piece = message_text(delta) if isinstance(delta, dict) else ""
+                        delta = choice.get("delta")
+                        if type(delta) is not dict:
+                            piece = ""
+                        elif type(delta.get("content")) is str and not delta.get("tool_calls"):
+                            piece = delta["content"]  # a text delta: what message_text would return
+                        else:
+                            piece = message_text(delta)
                         if piece:
                             all_text.append(piece)
                             if choice.get("index", 0) == 0:
@@ -722,7 +729,7 @@ class ChatPipeline:
                         usage_chunk = obj
                         continue
                     if held_finish is not None:
-                        out.append(encode_event(json.dumps(held_finish).encode()))
+                        out.append(encode_event(dumps(held_finish)))
                         held_finish = None
                     if finishing:
                         held_finish = obj
@@ -765,7 +772,7 @@ class ChatPipeline:
         tail: list[bytes] = []
         if failure is not None:
             if held_finish is not None:
-                tail.append(encode_event(json.dumps(held_finish).encode()))
+                tail.append(encode_event(dumps(held_finish)))
             err = {
                 "error": {
                     "message": "The upstream stream broke off after the response started "
@@ -776,16 +783,16 @@ class ChatPipeline:
                 },
                 "pura": pura,
             }
-            tail.append(encode_event(json.dumps(err).encode()))
+            tail.append(encode_event(dumps(err)))
         else:
             if ctx.client_wants_usage and usage_chunk is not None:
                 if held_finish is not None:
-                    tail.append(encode_event(json.dumps(held_finish).encode()))
+                    tail.append(encode_event(dumps(held_finish)))
                 usage_chunk["pura"] = pura
-                tail.append(encode_event(json.dumps(usage_chunk).encode()))
+                tail.append(encode_event(dumps(usage_chunk)))
             elif held_finish is not None:
                 held_finish["pura"] = pura
-                tail.append(encode_event(json.dumps(held_finish).encode()))
+                tail.append(encode_event(dumps(held_finish)))
             tail.append(encode_event(b"[DONE]"))
         yield LastChunk(b"".join(tail))
 
@@ -968,13 +975,24 @@ def completion_to_chunks(data: dict, pura: dict, include_usage: bool) -> list[by
         out.append(dict(base, choices=[], usage=data["usage"]))
     if out:
         out[-1]["pura"] = pura
-    encoded = [encode_event(json.dumps(chunk).encode()) for chunk in out]
+    encoded = [encode_event(dumps(chunk)) for chunk in out]
     encoded.append(encode_event(b"[DONE]"))
     return encoded
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # a number beyond a double (1e400) would become inf, which has no JSON spelling to forward
+    value = float(text)
+    if value in (_INF, -_INF):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+_INF = float("inf")
 
 
 def _bearer(header: str | None) -> str | None:

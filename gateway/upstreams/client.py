@@ -18,13 +18,13 @@ route); ``rejected`` is a 4xx about the client's own request (do not retry elsew
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal
 
 from gateway.config import ProviderConfig
+from gateway.jsonio import loads
 from gateway.upstreams.http import HttpClient, HttpError, Response, Target
 from gateway.upstreams.sse import DONE, SSEParser
 
@@ -66,7 +66,7 @@ class Completion:
 def _client_message(raw: bytes) -> str:
     """The upstream's own error message for a 4xx about the request (truncated, never 5xx text)."""
     try:
-        err = json.loads(raw).get("error")
+        err = loads(raw).get("error")
         message = err.get("message") if isinstance(err, dict) else str(err)
     except (ValueError, AttributeError):
         message = None
@@ -202,7 +202,7 @@ class UpstreamClient:
         except HttpError as exc:
             raise UpstreamFailure("cut", f"body read failed: {exc.detail}") from exc
         try:
-            data = json.loads(raw)
+            data = loads(raw)
         except ValueError as exc:
             raise UpstreamFailure("malformed", "response is not JSON") from exc
         if not isinstance(data, dict) or not isinstance(data.get("choices"), list):

@@ -174,6 +174,7 @@ def test_fuzz_raw_bodies_headers_and_paths(fuzz_key: str, http: httpx.Client) ->
         ANY_JSON.map(lambda v: json.dumps(v).encode()),
         st.integers(1_000, 50_000).map(lambda depth: b"[" * depth),  # deep nesting
         st.just(b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}'),
+        st.just(b'{"messages": [{"role": "user", "content": "x"}], "top_p": 1e400, "seed": 1e-400}'),
     )
     auth = st.one_of(
         st.just(f"Bearer {fuzz_key}"), st.just("Bearer"), st.just(""), st.text(max_size=30),

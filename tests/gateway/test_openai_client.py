@@ -164,6 +164,14 @@ def test_invalid_json_and_client_exception_types(client: openai.OpenAI, stack, a
         headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
     )
     assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    # JSON's grammar allows 1e400, but it has no finite value to forward upstream; NaN is not JSON
+    for number in (b"1e400", b"-1e400", b"NaN", b"Infinity"):
+        response = httpx.post(
+            stack.base_url + "/chat/completions",
+            content=b'{"messages": [{"role": "user", "content": "x"}], "temperature": ' + number + b"}",
+            headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"},
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json", number
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="auto", messages=[{"role": "user"}])
     with pytest.raises(openai.NotFoundError) as info:
