@@ -9,6 +9,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.devstack import free_port
 from gateway.routing.weights import StaticWeightSource
@@ -176,3 +178,55 @@ def test_sse_parser_multiline_data_and_pending() -> None:
 def test_stand_in_fault_schedule_is_exact() -> None:
     assert [i for i in range(12) if _fires(0.25, i)] == [3, 7, 11]
     assert all(_fires(1.0, i) for i in range(5)) and not any(_fires(0.0, i) for i in range(5))
+
+
+class _ReferenceSSE:
+    """SSE's line rules, one line at a time (the specification the fast parser must match)."""
+
+    def __init__(self) -> None:
+        self.line, self.data, self.events = b"", [], []
+
+    def feed(self, chunk: bytes) -> None:
+        for byte in chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n"):
+            if byte != 10:
+                self.line += bytes([byte])
+                continue
+            line, self.line = self.line, b""
+            if not line:
+                if self.data:
+                    self.events.append(b"\n".join(self.data))
+                    self.data = []
+            elif not line.startswith(b":"):
+                field, _, value = line.partition(b":")
+                if field == b"data":
+                    self.data.append(value[1:] if value.startswith(b" ") else value)
+
+
+_sse_pieces = st.one_of(
+    # whole events as servers send them, payloads with edge whitespace and colons included
+    st.binary(max_size=12).filter(lambda b: b"\n" not in b and b"\r" not in b).map(
+        lambda payload: b"data: " + payload + b"\n\n"
+    ),
+    # and the pieces of every other shape, in any order
+    st.sampled_from([
+        b"data: ", b"data:", b"data", b"event: x", b": comment", b"id: 7", b"\n", b"\n\n", b"\r\n",
+        b'{"a": 1}', b"[DONE]", b"x", b" ", b"\xc3\xa9",
+    ]),
+)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(_sse_pieces, max_size=40), st.lists(st.integers(0, 400), max_size=6))
+def test_sse_parser_agrees_with_the_line_rules_on_any_stream_and_split(pieces, cuts) -> None:
+    wire = b"".join(pieces)
+    if b"\r" in wire:
+        # a CR at the end of one read and an LF at the start of the next count as two line ends
+        # for both parsers only if the split falls between them; keep CRLF pairs in one read
+        cuts = [c for c in cuts if not (0 < c < len(wire) and wire[c - 1 : c] == b"\r")]
+    bounds = sorted({min(c, len(wire)) for c in cuts} | {0, len(wire)})
+    parser, reference, out = SSEParser(), _ReferenceSSE(), []
+    for a, b in zip(bounds, bounds[1:]):
+        out += parser.feed(wire[a:b])
+    reference.feed(wire)
+    assert out == reference.events
+    assert parser.pending == bool(reference.line.strip() or reference.data)
