@@ -684,6 +684,7 @@ class ChatPipeline:
         usage_chunk: dict | None = None
         outcome, status = "partial", 200
         failure: UpstreamFailure | None = None
+        last_events: list[bytes] = []
         try:
             async for batch in stream.batches():
                 out: list[bytes] = []
@@ -736,7 +737,11 @@ class ChatPipeline:
                     else:
                         out.append(encode_event(data))
                 if out:
-                    yield b"".join(out)
+                    if stream.done and broken is None:
+                        # the upstream's last events: they go out with the tail, in one write
+                        last_events = out
+                    else:
+                        yield b"".join(out)
                 if broken is not None:
                     raise broken
             outcome = "ok"
@@ -768,8 +773,9 @@ class ChatPipeline:
             await self._receipt(ctx, route, "".join(answer), ctx.attempts[-1].cost_micros)
         pura["billed_micros"] = billed
         pura["budget_remaining_usd"] = format_usd(max(0, remaining))
-        # Everything after the upstream's end goes out in one write, with the end of the body.
-        tail: list[bytes] = []
+        # Everything after the upstream's end goes out in one write, with the end of the body
+        # (and with the upstream's last events when they came in the read that ended it).
+        tail: list[bytes] = last_events
         if failure is not None:
             if held_finish is not None:
                 tail.append(encode_event(dumps(held_finish)))
