@@ -672,7 +672,11 @@ class ChatPipeline:
         remaining = (ctx.admission.budget_remaining_micros if ctx.admission else None)
         headers = self._headers(ctx, route, remaining)
         headers.update(SSE_HEADERS)
-        return EventStreamResponse(self._relay(ctx, route, stream, started), headers=headers)
+        relay = self._relay(ctx, route, stream, started)
+        # Started before the response: from here on, however the response ends, closing the
+        # relay bills what was delivered and closes the upstream (see EventStreamResponse).
+        first = await relay.__anext__()
+        return EventStreamResponse(relay, first=first, headers=headers)
 
     async def _relay(
         self, ctx: RequestContext, route: Route, stream: EventStream, started: float

@@ -26,16 +26,38 @@ class LastChunk(bytes):
 
 
 class EventStreamResponse(StreamingResponse):
+    """``first``: the body's first chunk, already taken from ``content`` by the caller. The
+    pipeline takes it before answering so that its relay generator has started: closing a
+    started generator runs its cleanup (bill what was delivered, close the upstream), closing
+    one that never ran does nothing. The body iterator is always closed when the response ends,
+    however it ends (a client leaving while the headers are written included), instead of
+    whenever the garbage collector finalises it.
+    """
+
     media_type = "text/event-stream"
 
+    def __init__(self, content, first: bytes | None = None, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self._first = first
+
     async def stream_response(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        more = True
-        async for chunk in self.body_iterator:
-            more = not isinstance(chunk, LastChunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": more})
-        if more:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            more = True
+            if self._first is not None:
+                more = not isinstance(self._first, LastChunk)
+                await send({"type": "http.response.body", "body": self._first, "more_body": more})
+            async for chunk in self.body_iterator:  # to its end: code after its last yield runs
+                if not more:
+                    raise RuntimeError("EventStreamResponse: a body chunk after its LastChunk")
+                more = not isinstance(chunk, LastChunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if more:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         task = asyncio.current_task()
