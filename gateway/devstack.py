@@ -18,6 +18,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -76,9 +77,18 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop and wait for the server's shutdown (lifespan included) to finish.
+
+        A server still running after ``timeout_s`` is reported, not silently left behind: a
+        gateway whose shutdown outlives its test keeps submitting its outbox to the chain, into
+        whatever the next test's chain snapshot is.
+        """
         self.server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            warnings.warn(f"server on port {self.port} still shutting down after {timeout_s} s",
+                          RuntimeWarning, stacklevel=2)
 
 
 @dataclass

@@ -29,7 +29,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import errors
-from gateway.jsonio import dumps, loads
 from gateway.accounting.money import (
     estimate_tokens,
     format_usd,
@@ -42,6 +41,7 @@ from gateway.accounting.settlement import Settlement, SettlementQueue
 from gateway.accounting.store import Admission, Store, now_ms
 from gateway.config import TIERS, RoutingConfig, Tier
 from gateway.errors import GatewayError
+from gateway.jsonio import dumps, loads
 from gateway.logs import RequestLog
 from gateway.responses import EventStreamResponse, LastChunk
 from gateway.routing.cascade import AnswerScore, score_answer
