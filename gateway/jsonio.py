@@ -6,10 +6,11 @@ upstream call (about 8 µs per event on the 2-core target machine, 2 µs with ms
 
 :func:`loads` accepts exactly what ``json.loads`` accepts and returns the same values: msgspec
 is tried first, and anything it refuses (``NaN``/``Infinity`` literals, numbers beyond a double,
-lone surrogates, UTF-16/32 input, nesting beyond its depth limit) goes to ``json.loads``, which
-then decides (and raises what it always raised). The two agree on everything both accept
-(duplicate keys: the last wins; big integers stay exact; floats round alike); a property test
-in ``tests/gateway/test_jsonio.py`` holds them to it.
+lone surrogates, UTF-16/32 input, a byte-order mark) goes to ``json.loads``, which then decides
+(and raises what it always raised). Both guard deep nesting with the interpreter's recursion
+limit and raise ``RecursionError``. The two agree on everything both accept (duplicate keys: the
+last wins; big integers stay exact; floats round alike); property tests in
+``tests/gateway/test_jsonio.py`` hold them to it.
 
 :func:`dumps` encodes values that came out of :func:`loads` or were built from str/int/bool/
 None/list/dict. Its output is compact UTF-8 (no spaces, non-ASCII not escaped), equal as JSON to
