@@ -32,6 +32,16 @@ async def _respond(body, first_taken: bool, send, receive) -> None:
     await EventStreamResponse(body, first=first)(SCOPE, receive, send)
 
 
+def _recorder(sent: list[tuple[bytes, bool]]):
+    """A client that reads everything: records each body write and whether more follows."""
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            sent.append((message["body"], message["more_body"]))
+
+    return send
+
+
 def _quiet_receive():
     never = asyncio.Event()
 
@@ -46,10 +56,7 @@ def test_sends_the_first_chunk_then_the_rest_and_ends_with_the_last_write() -> N
     log: list[str] = []
     sent: list[tuple[bytes, bool]] = []
 
-    async def send(message):
-        if message["type"] == "http.response.body":
-            sent.append((message["body"], message["more_body"]))
-
+    send = _recorder(sent)
     body = _body(log, [b"a", b"b", LastChunk(b"end")])
     asyncio.run(_respond(body, True, send, _quiet_receive()))
     assert sent == [(b"a", True), (b"b", True), (b"end", False)]
@@ -59,10 +66,7 @@ def test_sends_the_first_chunk_then_the_rest_and_ends_with_the_last_write() -> N
 def test_a_body_that_is_one_last_chunk_is_one_write() -> None:
     sent: list[tuple[bytes, bool]] = []
 
-    async def send(message):
-        if message["type"] == "http.response.body":
-            sent.append((message["body"], message["more_body"]))
-
+    send = _recorder(sent)
     log: list[str] = []
     asyncio.run(_respond(_body(log, [LastChunk(b"all")]), True, send, _quiet_receive()))
     assert sent == [(b"all", False)] and log == ["ran to the end"]
@@ -72,10 +76,7 @@ def test_a_body_without_a_last_chunk_is_ended_by_an_empty_write() -> None:
     log: list[str] = []
     sent: list[tuple[bytes, bool]] = []
 
-    async def send(message):
-        if message["type"] == "http.response.body":
-            sent.append((message["body"], message["more_body"]))
-
+    send = _recorder(sent)
     asyncio.run(_respond(_body(log, [b"a", b"b"]), False, send, _quiet_receive()))
     assert sent == [(b"a", True), (b"b", True), (b"", False)] and log == ["ran to the end"]
 
