@@ -103,7 +103,12 @@ def build_services(
 ) -> Services:
     db = open_database(settings.database_url)
     migrate(db)
-    store = Store(db, key_cache_ttl_ms=round(settings.key_cache_ttl_s * 1000))
+    store = Store(
+        db,
+        key_cache_ttl_ms=round(settings.key_cache_ttl_s * 1000),
+        lease_factor=settings.budget_lease_factor,
+        lease_refresh_ms=settings.reservation_ttl_s * 1000 // 4,
+    )
     catalogue = Catalogue(config)
     policy = config.selection
     health = HealthBook(

@@ -46,6 +46,11 @@ class GatewaySettings(BaseSettings):
         default=900, description="reservations older than this are released by the sweeper"
     )
     sweep_interval_s: float = 60.0
+    budget_lease_factor: int = Field(
+        default=16, ge=0,
+        description="a budget lease grows by up to this many times the reservation that grows"
+        " it (see accounting.leases); 0 holds exactly the requests in flight",
+    )
     settle_delay_ms: float = Field(
         default=5.0, ge=0, description="group-commit window of settlements (see accounting.settlement)"
     )

@@ -59,6 +59,8 @@ class Database(Protocol):
 
     async def run(self, fn: Callable[[Tx], T]) -> T: ...
 
+    async def read(self, fn: Callable[[Tx], T]) -> T: ...
+
     def run_sync(self, fn: Callable[[Tx], T]) -> T: ...
 
     async def close(self) -> None: ...
@@ -157,6 +159,16 @@ class SqliteDatabase:
 
     async def run(self, fn: Callable[[Tx], T]) -> T:
         return self._run(fn)
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run a read-only script without taking the write lock: each statement is its own
+        read transaction (WAL readers never wait for the writer). For single-statement reads
+        whose answer is one snapshot."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise RuntimeError("database closed")
+            return fn(_SqliteTx(conn))
 
     async def run_grouped(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in a transaction shared with the other scripts queued in this loop turn.
@@ -298,6 +310,10 @@ class PostgresDatabase:
     async def run(self, fn: Callable[[Tx], T]) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, fn)
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """A read-only script (same as :meth:`run` here: READ COMMITTED takes no locks)."""
+        return await self.run(fn)
 
     def run_sync(self, fn: Callable[[Tx], T]) -> T:
         return self._executor.submit(self._run, fn).result()

@@ -12,8 +12,10 @@ The same commit writes the rate-limit counts of the requests admitted since the 
 limit itself is enforced in memory, see :mod:`gateway.accounting.ratelimit`) and each key's last
 use, one statement per key.
 
-Safety: a reservation stays held until its settlement commits, so the budget bound holds
-throughout. If the process dies before a batch commits, those records are lost but their
+Safety: a reservation (a carve of the process's budget lease, see
+:mod:`gateway.accounting.leases`) stays held until its settlement commits, so the budget bound
+holds throughout. The same commit gives each lease back what its settled carves released and,
+when that still fits under the cap, holds it again for the requests to come. If the process dies before a batch commits, those records are lost but their
 reservations are released by the sweeper: the keys are never over-charged. Reports call
 :meth:`SettlementQueue.flush` first, so a client always reads its own completed requests.
 """
@@ -55,9 +57,11 @@ class SettlementQueue:
         self._submitted = 0
         self._committed = 0
         self._task: asyncio.Task | None = None
+        self._leases_task: asyncio.Task | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pura-settlement")
+        self._leases_task = asyncio.create_task(self._keep_leases(), name="pura-leases")
         self.store.on_unwritten = self._wake.set
 
     def submit(self, settlement: Settlement) -> None:
@@ -81,9 +85,24 @@ class SettlementQueue:
         await self.flush()
         if self.store.rates.has_unwritten:
             await self._commit([])
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        tasks = [t for t in (self._task, self._leases_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = self._leases_task = None
+        try:
+            await self.store.return_leases()
+        except Exception:  # the sweeper releases them after the TTL
+            log.exception("returning budget leases failed")
+
+    async def _keep_leases(self) -> None:
+        """Give back idle budget leases and keep held ones fresh (see accounting.leases)."""
+        while True:
+            await asyncio.sleep(self.store.leases.idle_ms / 2000)
+            try:
+                await self.store.maintain_leases()
+            except Exception:
+                log.exception("budget lease upkeep failed")
 
     async def _run(self) -> None:
         while True:

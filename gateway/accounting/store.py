@@ -2,14 +2,18 @@
 
 Atomicity, the property the seed lacked:
 
-* **Budget reservation** is one conditional upsert that holds on both engines under any
-  concurrency (``INSERT ... ON CONFLICT DO UPDATE SET reserved = reserved + :r WHERE spent +
-  reserved + :r <= cap``; PostgreSQL locks the conflicting row and re-checks the condition
-  against its latest version). N concurrent requests therefore can never reserve more than the
-  cap. The cap is read from the key's row *inside* that statement, and a revoked key's row
-  yields no cap, so a revocation or a budget change stops new reservations at once, whatever
-  this process has cached about the key. The reservation row is written in the same transaction,
-  which commits before the upstream is called.
+* **Budget reservation**: every amount the database holds for a key is added by one
+  conditional upsert that holds on both engines under any concurrency (``INSERT ... ON
+  CONFLICT DO UPDATE SET reserved = reserved + :r WHERE spent + reserved + :r <= cap``;
+  PostgreSQL locks the conflicting row and re-checks the condition against its latest
+  version), so the database never holds more than the cap. What it holds for a process is that
+  process's *budget lease* (:mod:`gateway.accounting.leases`), and a request's reservation is a
+  carve of the lease made in memory, in one synchronous step, so the process never admits more
+  than its lease holds. A request whose lease is short grows it first (that upsert commits
+  before the upstream is called); the others commit nothing before it. The cap is read from
+  the key's row inside the upsert and, before every carve, by one read that also sees a
+  revocation, so a revocation or a lowered cap stops new requests at once, whatever this
+  process has cached about the key.
 * **Keys** are cached in this process for ``key_cache_ttl_ms`` (by SHA-256, never the raw key),
   which saves a statement on every request. Revocation and budget changes do not wait for the
   cache (see above); what the cache can serve stale for up to the TTL is the rate limit of a key
@@ -18,9 +22,10 @@ Atomicity, the property the seed lacked:
   (exact within the process) and written behind to ``rate_buckets`` in the settlement's group
   commit; other processes' counts are read back whenever the key is reloaded. See
   :mod:`gateway.accounting.ratelimit` for what that means across replicas.
-* **Settlement** deletes the reservation row (idempotent: a second settle, or a settle after the
-  sweeper released it, changes nothing twice), moves the reserved amount out of ``reserved`` and
-  the billed amount into ``spent``, and writes the usage record, in one transaction. The billed
+* **Settlement** gives the request's carve back to its lease (or deletes a reservation row made
+  without a lease), moves the carved amount out of ``reserved`` and the billed amount into
+  ``spent``, and writes the usage record, in one transaction; idempotent: a second settle, or a
+  settle after the sweeper released the lease, changes nothing twice. The billed
   amount is the upstream cost clamped to the reservation, so ``spent <= cap`` always holds; the
   reservation is an upper bound of the cost (see :mod:`gateway.accounting.money`), so the clamp
   only bites if an upstream reports more tokens than physically fit, and the difference is kept
@@ -44,7 +49,9 @@ from collections.abc import Callable
 from typing import Literal
 
 from gateway.accounting.db import PostgresDatabase, SqliteDatabase, Tx
+from gateway.accounting import leases as lease_sql
 from gateway.accounting.keys import generate_key, hash_key, key_prefix
+from gateway.accounting.leases import Carve, Lease, LeaseBook, LeaseLost
 from gateway.accounting.ratelimit import RATE_WINDOW_S, RateWindows
 from gateway.accounting.records import CompletionRecord
 
@@ -128,48 +135,6 @@ def _load_key(tx: Tx, key_hash: str, since_sec: int) -> tuple[KeyInfo, list[tupl
     return key, [(int(sec), int(n)) for sec, n in buckets]
 
 
-# The key's current cap, or NULL when the key is revoked (or gone): a comparison with NULL is
-# never true, so the reservation below fails for a revoked key without a statement of its own.
-_ACTIVE_CAP = "(SELECT daily_budget_micros FROM api_keys WHERE id = ? AND revoked_ms IS NULL)"
-
-
-def _reserve(
-    tx: Tx, key_id: str, reserve_micros: int, reservation_id: str, ts: int
-) -> tuple[Literal["ok", "unauthorized", "budget_exhausted"], int, int]:
-    """Reserve budget for one request: (status, cap, cap - spent - reserved after it)."""
-    day = utc_day(ts)
-    # One statement: create today's row with the reservation, or add to it, only if it fits
-    # under the key's cap as stored now. INSERT ... SELECT ... WHERE so that the first
-    # reservation of the day is checked too (and SQLite parses the upsert: its SELECT needs a
-    # WHERE).
-    row = tx.one(
-        "INSERT INTO budget_days (key_id, day, spent_micros, reserved_micros)"
-        f" SELECT ?, ?, 0, ? WHERE ? <= {_ACTIVE_CAP}"
-        " ON CONFLICT (key_id, day) DO UPDATE"
-        " SET reserved_micros = budget_days.reserved_micros + excluded.reserved_micros"
-        " WHERE budget_days.spent_micros + budget_days.reserved_micros"
-        f" + excluded.reserved_micros <= {_ACTIVE_CAP}"
-        f" RETURNING spent_micros + reserved_micros, {_ACTIVE_CAP}",
-        (key_id, day, reserve_micros, reserve_micros, key_id, key_id, key_id),
-    )
-    if row is None:
-        (active_cap,) = tx.one(f"SELECT {_ACTIVE_CAP}", (key_id,)) or (None,)
-        if active_cap is None:
-            return "unauthorized", 0, 0
-        cap = int(active_cap)
-        used = tx.one(
-            "SELECT spent_micros + reserved_micros FROM budget_days WHERE key_id = ? AND day = ?",
-            (key_id, day),
-        )
-        return "budget_exhausted", cap, max(0, cap - (int(used[0]) if used else 0))
-    tx.execute(
-        "INSERT INTO reservations (id, key_id, day, amount_micros, created_ms) VALUES (?, ?, ?, ?, ?)",
-        (reservation_id, key_id, day, reserve_micros, ts),
-    )
-    cap = int(row[1])
-    return "ok", cap, cap - int(row[0])
-
-
 def _extend(tx: Tx, reservation_id: str, extra: int, cap: int) -> int | None:
     res = tx.one(
         "SELECT key_id, day FROM reservations WHERE id = ?", (reservation_id,)
@@ -196,18 +161,53 @@ def _extend(tx: Tx, reservation_id: str, extra: int, cap: int) -> int | None:
 _IDS_PER_STATEMENT = 500
 
 
+@dataclass(slots=True)
+class _LeaseSettlement:
+    """What a batch does to the leases it touches, and what came of it."""
+
+    carved: dict[int, tuple[str, int, str]]  # item index -> (lease row, amount carved, day)
+    regrow: dict[str, tuple[str, str, int]]  # lease row -> (key, day, amount to hold again)
+    ts: int
+    clamp: dict[int, int] = dataclasses.field(default_factory=dict)  # index -> carve of a lost lease
+    lost: set[str] = dataclasses.field(default_factory=set)
+    regrown: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
 def _settle(
-    tx: Tx, items: list[tuple[str | None, CompletionRecord, int]]
+    tx: Tx,
+    items: list[tuple[str | None, CompletionRecord, int]],
+    leases: _LeaseSettlement | None = None,
 ) -> list[tuple[int, int]]:
     """Settle requests ``(reservation id, record, cap)``: release, bill, record.
 
     One statement per kind of change rather than per request (the settlement queue hands over
     every request completed in the last few milliseconds): one DELETE releases the batch's
-    reservations, each key's day is updated once, the records go in with ``executemany``.
-    Returns ``(billed, budget remaining after the batch)`` per item.
+    reservations, each lease's row and each key's day are updated once, the records go in with
+    ``executemany``. Items carved from a lease (``leases.carved``) release their carve from the
+    lease's row; a row that is gone (a sweeper released it) means the carve holds nothing any
+    more, and the item is billed like one whose reservation was released. A lease in
+    ``leases.regrow`` then holds again what its settled carves released, if that still fits
+    under the cap, so that the next requests find it full. Returns ``(billed, budget remaining
+    after the batch)`` per item.
     """
+    carved = leases.carved if leases is not None else {}
+    from_lease: dict[int, tuple[int, str]] = {}
+    if leases is not None:
+        by_row: dict[str, int] = {}
+        for row_id, amount, _day in carved.values():
+            by_row[row_id] = by_row.get(row_id, 0) + amount
+        for row_id, amount in by_row.items():
+            if amount > 0 and tx.one(
+                "UPDATE reservations SET amount_micros = amount_micros - ?, created_ms = ?"
+                " WHERE id = ? RETURNING amount_micros",
+                (amount, leases.ts, row_id),
+            ) is None:
+                leases.lost.add(row_id)
+        from_lease = {
+            i: (amount, day) for i, (row_id, amount, day) in carved.items() if row_id not in leases.lost
+        }
     held: dict[str, tuple[int, str]] = {}
-    ids = [rid for rid, _record, _cap in items if rid is not None]
+    ids = [rid for i, (rid, _record, _cap) in enumerate(items) if rid is not None and i not in carved]
     for start in range(0, len(ids), _IDS_PER_STATEMENT):
         chunk = ids[start : start + _IDS_PER_STATEMENT]
         marks = ", ".join("?" * len(chunk))
@@ -240,8 +240,10 @@ def _settle(
     billed_by_item: list[tuple[int, str]] = []
     recorded: list[tuple[CompletionRecord, int]] = []
     settled: set[str] = set()
-    for rid, record, cap in items:
-        res = held.pop(rid, None) if rid is not None else None
+    for i, (rid, record, cap) in enumerate(items):
+        res = from_lease.get(i)
+        if res is None and rid is not None and i not in carved:
+            res = held.pop(rid, None)
         if res is not None:
             # The common path: the reservation was still open, so this is the first settle.
             amount, day = res
@@ -267,6 +269,10 @@ def _settle(
                 (record.key_id, day),
             )
             billed = max(0, min(record.cost_micros, cap - current(record.key_id, day)))
+            if leases is not None and i in leases.clamp:  # never more than the request carved
+                billed = min(billed, leases.clamp[i])
+            elif i in carved:
+                billed = min(billed, carved[i][1])
             row = tx.one(
                 "UPDATE budget_days SET spent_micros = spent_micros + ? WHERE key_id = ? AND day = ?"
                 " RETURNING spent_micros + reserved_micros",
@@ -277,6 +283,17 @@ def _settle(
         billed_by_item.append((billed, day))
         recorded.append((record, billed))
     apply()
+    if leases is not None:
+        for row_id, (key_id, day, amount) in leases.regrow.items():
+            if row_id in leases.lost or amount <= 0:
+                continue
+            status, _cap, _left = lease_sql.hold(tx, key_id, day, amount)
+            if status == "ok":
+                tx.execute(
+                    "UPDATE reservations SET amount_micros = amount_micros + ? WHERE id = ?",
+                    (amount, row_id),
+                )
+                leases.regrown[row_id] = amount
     tx.many(
         "INSERT INTO usage_records (request_id, key_id, created_ms, finished_ms, outcome,"
         " http_status, provider, model, tier, stream, prompt_tokens, completion_tokens,"
@@ -390,9 +407,20 @@ class Store:
         db: SqliteDatabase | PostgresDatabase,
         clock: Callable[[], int] = now_ms,
         key_cache_ttl_ms: int = 1000,
+        lease_factor: int = 0,
+        lease_idle_ms: int = 1_000,
+        lease_refresh_ms: int = 60_000,
     ) -> None:
+        """``lease_factor``: how many times a request's reservation a budget lease grows by
+        beyond what the request needs (see :mod:`gateway.accounting.leases`; 0 holds exactly
+        the requests in flight). ``lease_refresh_ms``: how often a held lease's age is reset,
+        well within the sweeper's TTL."""
+        if lease_factor < 0:
+            raise ValueError("lease_factor must be >= 0")
         self.db = db
         self.clock = clock  # milliseconds since the epoch; injectable for window tests
+        self.leases = LeaseBook(factor=lease_factor, idle_ms=lease_idle_ms)
+        self.lease_refresh_ms = lease_refresh_ms
         self._ids = random.Random(os.urandom(32))
         self.key_cache_ttl_ms = key_cache_ttl_ms
         self._keys: dict[str, tuple[KeyInfo, int]] = {}  # key hash -> (key, reload at ms)
@@ -537,18 +565,19 @@ class Store:
         if reserve_micros is None:
             return Admission("ok", key=key, rate_limit=limit, rate_remaining=remaining_rate)
         reservation_id = reservation_id or f"res_{self._ids.getrandbits(96):024x}"
-        script = lambda tx: _reserve(tx, key.id, reserve_micros, reservation_id, ts)  # noqa: E731
         try:
-            if isinstance(self.db, SqliteDatabase) and not alone:
-                status, cap, remaining = await self.db.run_grouped(script)  # group commit under load
-            else:
-                status, cap, remaining = await self.db.run(script)
+            status, cap, remaining = await self._take(
+                key.id, utc_day(ts), reservation_id, reserve_micros, ts, alone
+            )
         except BaseException:
             self.rates.add(key.id, sec, -1)  # not admitted after all
             raise
         if status == "unauthorized":  # revoked since it was cached
             self.rates.add(key.id, sec, -1)
             self._keys.pop(key_hash, None)
+            lease = self.leases.leases.get((key.id, utc_day(ts)))
+            if lease is not None:
+                self.leases.retire(lease)  # given back once its carves have settled
             return Admission("unauthorized")
         if cap != key.daily_budget_micros:  # changed since it was cached: the stored cap rules
             key = dataclasses.replace(key, daily_budget_micros=cap)
@@ -589,9 +618,124 @@ class Store:
             self._keys[key_hash] = (key, ts + self.key_cache_ttl_ms)
         return key
 
+    async def _take(
+        self, key_id: str, day: str, request_id: str, amount: int, ts: int, alone: bool,
+        lease: Lease | None = None,
+    ) -> tuple[str, int, int]:
+        """Carve ``amount`` for ``request_id`` out of the key's lease, growing the lease first
+        when it holds too little: (status, cap, budget remaining). ``lease``: the lease to take
+        from (an escalation stays on its request's lease); by default the key's current one.
+
+        Fast path (the lease holds enough): one read checks that the key is still active and
+        that the day's holdings still fit under its stored cap (so revocation and a lowered cap
+        apply at once), then the carve, with no await in between. Slow path: what the lease
+        holds is carved first, the rest is added to the lease by the conditional upsert of
+        :func:`~gateway.accounting.leases.hold` (plus up to ``factor`` times ``amount`` for the
+        requests to come), and carved once that has committed.
+        """
+        book = self.leases
+        fixed = lease is not None
+        for _attempt in range(3):
+            if not fixed:
+                lease = book.lease(key_id, day)
+            assert lease is not None
+            if lease.lost or lease.retired:
+                return "budget_exhausted", 0, 0  # an escalation on a lease that is gone
+            if lease.free >= amount:
+                cap, used = await self.db.read(lambda tx: lease_sql.budget_view(tx, key_id, day))
+                if cap is None:
+                    return "unauthorized", 0, 0
+                if used <= cap and not (lease.lost or lease.retired) and lease.free >= amount:
+                    book.carve(lease, request_id, amount, ts)
+                    return "ok", cap, cap - used + lease.free
+            pre = min(lease.free, amount)
+            fresh = request_id not in book.carves
+            book.carve(lease, request_id, pre, ts)
+            need = amount - pre
+            exists = lease.total > 0
+            row_id = lease.row_id
+            # only the first of concurrent growers asks for more than it needs
+            extra = book.factor * amount if lease.growing == 0 else 0
+            script = lambda tx: lease_sql.grow(  # noqa: E731
+                tx, row_id, exists, key_id, day, need, extra, ts
+            )
+            lease.growing += 1
+            try:
+                if isinstance(self.db, SqliteDatabase) and not alone:
+                    status, cap, remaining, grown = await self.db.run_grouped(script)
+                else:
+                    status, cap, remaining, grown = await self.db.run(script)
+            except LeaseLost:
+                book.uncarve(request_id, pre, fresh)
+                lease.lost = True
+                book.retire(lease)
+                if fixed:
+                    return "budget_exhausted", 0, 0
+                continue
+            except BaseException:
+                book.uncarve(request_id, pre, fresh)
+                raise
+            finally:
+                lease.growing -= 1
+            if status != "ok":
+                book.uncarve(request_id, pre, fresh)
+                if (
+                    status == "budget_exhausted" and need > 0 and lease.free >= amount
+                    and not (lease.lost or lease.retired)
+                ):
+                    continue  # concurrent grows filled the lease meanwhile: carve from it
+                return status, cap, remaining
+            lease.total += grown
+            lease.has_row = True
+            lease.refreshed_ms = ts
+            book.carve(lease, request_id, need, ts)
+            return "ok", cap, remaining + lease.free
+        return "budget_exhausted", 0, 0  # three tries, each overtaken: refuse, hold nothing
+
     async def extend(self, reservation_id: str, extra_micros: int, cap_micros: int) -> int | None:
         """Grow a reservation (cascade escalation); None when the budget cannot cover it."""
-        return await self.db.run(lambda tx: _extend(tx, reservation_id, extra_micros, cap_micros))
+        carve = self.leases.carves.get(reservation_id)
+        if carve is None:  # a reservation row (not carved from a lease)
+            return await self.db.run(lambda tx: _extend(tx, reservation_id, extra_micros, cap_micros))
+        lease = carve.lease
+        status, _cap, remaining = await self._take(
+            lease.key_id, lease.day, reservation_id, extra_micros, self.clock(), True, lease
+        )
+        return remaining if status == "ok" else None
+
+    async def maintain_leases(self) -> None:
+        """Give back leases that are retired or idle, and reset the age of the others' rows
+        before any sweeper could take them. Called about twice a second by the settlement
+        queue; cheap when there is nothing to do."""
+        now = self.clock()
+        book = self.leases
+        back = book.returnable(now)
+        if back:
+            try:
+                await self.db.run(lambda tx: lease_sql.give_back(tx, [lease.row_id for lease in back]))
+            except Exception:
+                book.retired.extend(back)  # tried again next time
+                raise
+        due = [
+            lease
+            for lease in (*book.leases.values(), *book.retired)
+            if lease.has_row and not lease.lost and now - lease.refreshed_ms >= self.lease_refresh_ms
+        ]
+        if due:
+            found = await self.db.run(lambda tx: lease_sql.refresh(tx, [lease.row_id for lease in due], now))
+            for lease in due:
+                if lease.row_id in found:
+                    lease.refreshed_ms = now
+                else:
+                    lease.lost = True
+                    book.retire(lease)
+
+    async def return_leases(self) -> None:
+        """Give back every lease with nothing carved (shutdown, tests); leases with requests in
+        flight are retired and go back once those settle (or to the sweeper)."""
+        for lease in list(self.leases.leases.values()):
+            self.leases.retire(lease)
+        await self.maintain_leases()
 
     async def settle(
         self, reservation_id: str | None, record: CompletionRecord, cap_micros: int
@@ -605,18 +749,52 @@ class Store:
         """Settle several requests in one transaction (group commit), together with the
         rate-limit counts not written yet."""
         counts = self.rates.take_unwritten()
+        book = self.leases
+        taken: dict[int, tuple[str, Carve]] = {}
+        for i, (rid, _record, _cap) in enumerate(items):
+            carve = book.carves.pop(rid, None) if rid is not None else None
+            if carve is not None:
+                taken[i] = (rid, carve)
+        ts = self.clock()
+        leases = _LeaseSettlement(carved={}, regrow={}, ts=ts)
+        for i, (_rid, carve) in taken.items():
+            lease = carve.lease
+            if lease.lost:
+                leases.clamp[i] = carve.amount  # billed like a released reservation
+                continue
+            leases.carved[i] = (lease.row_id, carve.amount, lease.day)
+            if book.factor > 0 and not lease.retired:
+                key_id, day, amount = leases.regrow.get(lease.row_id, (lease.key_id, lease.day, 0))
+                leases.regrow[lease.row_id] = (key_id, day, amount + carve.amount)
 
         def script(tx: Tx) -> list[tuple[int, int]]:
-            results = _settle(tx, items)
+            leases.lost.clear()
+            leases.regrown.clear()
+            results = _settle(tx, items, leases)
             _touch_keys(tx, [rec for _r, rec, _cap in items])
             _write_rate_counts(tx, counts)
             return results
 
         try:
-            return await self.db.run(script)
+            results = await self.db.run(script)
         except Exception:  # not committed: the next write carries them
             self.rates.restore_unwritten(counts)
+            for rid, carve in taken.values():
+                book.carves[rid] = carve
             raise
+        for _rid, carve in taken.values():
+            lease = carve.lease
+            lease.used -= carve.amount
+            if lease.row_id in leases.lost:
+                lease.lost = True
+                book.retire(lease)
+            elif not lease.lost:
+                lease.total -= carve.amount
+                lease.refreshed_ms = ts
+        for _rid, carve in taken.values():
+            grown = leases.regrown.pop(carve.lease.row_id, 0)
+            carve.lease.total += grown
+        return results
 
     async def release_stale(self, max_age_ms: int) -> int:
         """Release reservations older than ``max_age_ms``, prune old rate-limit buckets and

@@ -120,6 +120,50 @@ def test_concurrent_reservations_never_exceed_the_cap(store: Store) -> None:
     assert asyncio.run(store.budget_state(info.id)) == (0, 33 * len(ok))
 
 
+def test_concurrent_admissions_through_budget_leases_never_exceed_the_cap(db_url: str) -> None:
+    """Three processes (stores) with budget leases on one database, 300 concurrent admissions
+    each: what they admit together never passes the cap, and the budget is used up to less
+    than one reservation per process (what the other processes' leases held back)."""
+    dbs = [open_database(db_url) for _ in range(3)]
+    migrate(dbs[0])
+    try:
+        stores = [Store(db, lease_factor=16) for db in dbs]
+        raw, info = stores[0].create_key_sync("", 5_000, 1_000_000)
+
+        async def burst() -> list:
+            return await asyncio.gather(*(s.admit(raw, 33) for _ in range(300) for s in stores))
+
+        results = asyncio.run(burst())
+        ok = [r for r in results if r.status == "ok"]
+        assert 33 * len(ok) <= 5_000
+        assert {r.status for r in results} == {"ok", "budget_exhausted"}
+        spent, reserved = asyncio.run(stores[0].budget_state(info.id))
+        assert spent == 0 and 33 * len(ok) <= reserved <= 5_000
+        for s in stores:  # no process carved more than its leases hold
+            assert sum(c.amount for c in s.leases.carves.values()) <= sum(
+                lease.total for lease in s.leases.leases.values())
+        assert 33 * len(ok) > 5_000 - 3 * 33  # less than a reservation left per process
+        # once every request has settled and the leases are back, nothing stays held
+        for s, r in ((s, r) for s in stores for r in ok if r.reservation_id in s.leases.carves):
+            asyncio.run(s.settle(r.reservation_id, _record(info.id, r.reservation_id, 10), 5_000))
+        for s in stores:
+            asyncio.run(s.return_leases())
+        assert asyncio.run(stores[0].budget_state(info.id)) == (10 * len(ok), 0)
+    finally:
+        for db in dbs:
+            db.close_sync()
+
+
+def _record(key_id: str, rid: str, cost: int) -> CompletionRecord:
+    return CompletionRecord(
+        request_id=rid, key_id=key_id, created_ms=1, finished_ms=1, outcome="ok",
+        http_status=200, provider="p", model="m", tier="cheap", stream=False, prompt_tokens=1,
+        completion_tokens=1, usage_estimated=False, cost_micros=cost, billed_micros=cost,
+        premium_cost_micros=cost, cascade_depth=0, confidence=None, explored=False, latency_ms=1,
+        response_sha256=None, attempts=(AttemptRecord("p", "m", "cheap", "ok", cost, 1),),
+    )
+
+
 def test_concurrent_rate_limit_admits_exactly_the_limit(store: Store) -> None:
     raw, _ = store.create_key_sync("", 1_000_000, 25)
 
@@ -305,10 +349,8 @@ def test_batched_settlement_bills_like_settling_one_by_one(store: Store) -> None
     r3 = asyncio.run(store.admit(raw2, 100, "req_3"))
     r4 = asyncio.run(store.admit(raw2, 100, "req_4"))
     asyncio.run(store.settle(r4.reservation_id, record(k2.id, "req_4", 70), 10_000))  # earlier batch
-    now = store.clock
-    store.clock = lambda: ts - 2_000  # r5 is two seconds old ...
-    r5 = asyncio.run(store.admit(raw1, 200, "req_5"))
-    store.clock = now
+    # r5 is two seconds old, admitted by another process (its own budget lease) ...
+    r5 = asyncio.run(Store(store.db, clock=lambda: ts - 2_000).admit(raw1, 200, "req_5"))
     assert asyncio.run(store.release_stale(1_000)) == 1  # ... so the sweeper releases it alone
     results = asyncio.run(store.settle_many([
         (r1.reservation_id, record(k1.id, "req_1", 100), 10_000),
