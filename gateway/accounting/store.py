@@ -37,6 +37,7 @@ Atomicity, the property the seed lacked:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import random
@@ -660,35 +661,53 @@ class Store:
                 tx, row_id, exists, key_id, day, need, extra, ts
             )
             lease.growing += 1
+            if isinstance(self.db, SqliteDatabase) and not alone:
+                work = asyncio.ensure_future(self.db.run_grouped(script))
+            else:
+                work = asyncio.ensure_future(self.db.run(script))
+
+            taken = [pre]  # carved for this attempt so far
+            waiting = [True]
+
+            def landed(done: asyncio.Future, lease: Lease = lease, taken=taken, need=need) -> None:
+                # Runs when the grow has finished, before its waiter resumes (so no other carve
+                # can take what it added first), and also when nobody waits any more (a client
+                # gone mid-grow: PostgreSQL's worker thread commits regardless): what it added
+                # is the lease's either way, and the waiter's share is carved here.
+                lease.growing -= 1
+                if done.cancelled() or done.exception() is not None:
+                    return
+                grown_status, _cap, _left, grown = done.result()
+                if grown_status == "ok":
+                    lease.total += grown
+                    lease.has_row = True
+                    lease.refreshed_ms = ts
+                    if waiting[0]:
+                        book.carve(lease, request_id, need, ts)
+                        taken[0] += need
+
+            work.add_done_callback(landed)
             try:
-                if isinstance(self.db, SqliteDatabase) and not alone:
-                    status, cap, remaining, grown = await self.db.run_grouped(script)
-                else:
-                    status, cap, remaining, grown = await self.db.run(script)
+                status, cap, remaining, _grown = await asyncio.shield(work)
             except LeaseLost:
-                book.uncarve(request_id, pre, fresh)
+                book.uncarve(request_id, taken[0], fresh)
                 lease.lost = True
                 book.retire(lease)
                 if fixed:
                     return "budget_exhausted", 0, 0
                 continue
             except BaseException:
-                book.uncarve(request_id, pre, fresh)
+                waiting[0] = False
+                book.uncarve(request_id, taken[0], fresh)
                 raise
-            finally:
-                lease.growing -= 1
             if status != "ok":
-                book.uncarve(request_id, pre, fresh)
+                book.uncarve(request_id, taken[0], fresh)
                 if (
                     status == "budget_exhausted" and need > 0 and lease.free >= amount
                     and not (lease.lost or lease.retired)
                 ):
                     continue  # concurrent grows filled the lease meanwhile: carve from it
                 return status, cap, remaining
-            lease.total += grown
-            lease.has_row = True
-            lease.refreshed_ms = ts
-            book.carve(lease, request_id, need, ts)
             return "ok", cap, remaining + lease.free
         return "budget_exhausted", 0, 0  # three tries, each overtaken: refuse, hold nothing
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -140,6 +141,41 @@ def test_a_lease_in_use_is_kept_fresh_for_the_sweeper(two) -> None:
         asyncio.run(a.maintain_leases())
         assert asyncio.run(a.release_stale(900_000)) == 0
     assert held(a, info.id) == (0, 500)
+
+
+def test_a_client_gone_while_its_lease_grows_leaves_the_grow_to_the_lease(two) -> None:
+    """PostgreSQL runs the grow on a worker thread, which commits even if the request that
+    asked for it is cancelled meanwhile (its client went away): the grown amount must belong
+    to the lease (given back later), and nothing stays carved for the cancelled request."""
+    (a, _b), _clock, raw, info = two
+    assert asyncio.run(a.admit(raw, 0, "req_warm")).status == "ok"  # the key is cached now
+    asyncio.run(a.settle("req_warm", record(info.id, "req_warm", 0), 10_000))
+    run = a.db.run
+
+    def commit_later(fn):
+        time.sleep(0.05)  # the transaction is in flight ...
+        return a.db.run_sync(fn)
+
+    async def slow_run(fn):  # like PostgreSQL's: a worker thread that is not cancelled
+        return await asyncio.get_running_loop().run_in_executor(None, commit_later, fn)
+
+    a.db.run = slow_run
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(a.admit(raw, 100, "req_gone", alone=True))
+        await asyncio.sleep(0.01)
+        task.cancel()  # ... when the client goes away
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.1)  # the grow commits anyway
+
+    asyncio.run(scenario())
+    (lease,) = a.leases.leases.values()
+    assert lease.total == 500 and lease.used == 0 and lease.growing == 0 and not a.leases.carves
+    assert held(a, info.id) == (0, 500) and rows(a) == {lease.row_id: 500}
+    a.db.run = run
+    asyncio.run(a.return_leases())
+    assert held(a, info.id) == (0, 0) and rows(a) == {}
 
 
 class LeaseMachine(RuleBasedStateMachine):
