@@ -108,6 +108,7 @@ def build_services(
         key_cache_ttl_ms=round(settings.key_cache_ttl_s * 1000),
         lease_factor=settings.budget_lease_factor,
         lease_refresh_ms=settings.reservation_ttl_s * 1000 // 4,
+        lease_carve_ttl_ms=settings.reservation_ttl_s * 1000,
     )
     catalogue = Catalogue(config)
     policy = config.selection

@@ -367,10 +367,10 @@ class ChatPipeline:
             raise errors.rate_limited(admission.retry_after_s, admission.rate_limit)
         if admission.status == "budget_exhausted":
             raise errors.budget_exhausted(format_usd(admission.budget_remaining_micros or 0))
-        if self.chain is not None:
-            ctx.receipt_nonce = await self.chain.new_nonce()
-            ctx.receipt_deadline = self.chain.client.chain_now() + self.chain.cc.receipt_ttl_s
-        try:
+        try:  # from here on every exit settles the reservation (a failure bills nothing)
+            if self.chain is not None:
+                ctx.receipt_nonce = await self.chain.new_nonce()
+                ctx.receipt_deadline = self.chain.client.chain_now() + self.chain.cc.receipt_ttl_s
             if use_cascade:
                 return await self._cascade(ctx, plan)
             if ctx.stream:

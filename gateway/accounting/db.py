@@ -300,10 +300,20 @@ class PostgresDatabase:
         self._closed = threading.Event()
 
     def _run(self, fn: Callable[[Tx], T]) -> T:
+        """Run ``fn`` in a transaction; a deadlock or serialization failure (the server
+        aborted the transaction, nothing of it persisted) runs it again, up to three times.
+        Scripts are plain functions of the database, so running one again is safe."""
+        errors = self._psycopg.errors
         conn = self._pool.get()
         try:
-            with conn.transaction():
-                return fn(_PgTx(conn))
+            for attempt in range(3):
+                try:
+                    with conn.transaction():
+                        return fn(_PgTx(conn))
+                except (errors.DeadlockDetected, errors.SerializationFailure):
+                    if attempt == 2:
+                        raise
+            raise AssertionError("unreachable")
         finally:
             self._pool.put(conn)
 

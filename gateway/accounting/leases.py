@@ -61,7 +61,8 @@ class Lease:
     used: int = 0  # carved by requests not settled yet
     last_carve_ms: int = 0
     refreshed_ms: int = 0  # when the row's age (created_ms) was last reset
-    growing: int = 0  # grow transactions in flight
+    growing: int = 0  # transactions (grows, reads before a carve) in flight
+    open: int = 0  # carves not settled yet (zero-amount ones included)
     has_row: bool = False  # a grow has committed, so the database has its row
     lost: bool = False  # the row is gone: carves settle without releasing anything
     retired: bool = False  # no new carves; returned once nothing is carved
@@ -75,6 +76,7 @@ class Lease:
 class Carve:
     lease: Lease
     amount: int
+    ts: int  # when the request was admitted
 
 
 @dataclass(slots=True)
@@ -110,7 +112,8 @@ class LeaseBook:
         lease.last_carve_ms = ts
         carve = self.carves.get(request_id)
         if carve is None:
-            self.carves[request_id] = Carve(lease, amount)
+            self.carves[request_id] = Carve(lease, amount, ts)
+            lease.open += 1
         else:  # an escalation grows the request's carve (always from the same lease)
             assert carve.lease is lease
             carve.amount += amount
@@ -123,15 +126,40 @@ class LeaseBook:
         carve.lease.used -= amount
         if drop:
             assert carve.amount == 0
-            del self.carves[request_id]
+            self.pop(request_id)
+
+    def pop(self, request_id: str) -> Carve | None:
+        """Take a request's carve out of the book (its settlement); ``lease.used`` still counts
+        it until the settlement has committed."""
+        carve = self.carves.pop(request_id, None)
+        if carve is not None:
+            carve.lease.open -= 1
+        return carve
+
+    def put_back(self, request_id: str, carve: Carve) -> None:
+        """Undo :meth:`pop` (the settlement did not commit)."""
+        self.carves[request_id] = carve
+        carve.lease.open += 1
+
+    def abandon_older_than(self, ts: int) -> list[str]:
+        """Forget carves of requests admitted before ``ts`` (the sweeper's TTL ago) that have not
+        settled: a request that never settles must not hold its lease forever. What they carved
+        stays in the lease's row until the lease goes back; if such a request settles after all,
+        it is billed like one whose reservation the sweeper released."""
+        old = [rid for rid, carve in self.carves.items() if carve.ts < ts]
+        for rid in old:
+            carve = self.pop(rid)
+            assert carve is not None
+            carve.lease.used -= carve.amount
+        return old
 
     def returnable(self, now: int) -> list[Lease]:
         """Leases with nothing carved that are retired or idle: retire them, hand them back."""
         for lease in list(self.leases.values()):
-            if lease.used == 0 and lease.growing == 0 and now - lease.last_carve_ms >= self.idle_ms:
+            if lease.open == 0 and lease.used == 0 and lease.growing == 0 and now - lease.last_carve_ms >= self.idle_ms:
                 self.retire(lease)
-        ready = [lease for lease in self.retired if lease.used == 0 and lease.growing == 0]
-        self.retired = [lease for lease in self.retired if lease.used != 0 or lease.growing != 0]
+        ready = [lease for lease in self.retired if lease.open == lease.used == lease.growing == 0]
+        self.retired = [lease for lease in self.retired if lease not in ready]
         return [lease for lease in ready if lease.has_row and not lease.lost]
 
     def held(self, key_id: str, day: str) -> int:
@@ -183,35 +211,43 @@ def grow(
     left beyond ``need``): (status, cap, remaining after, amount grown). ``exists``: a grow of
     this lease has committed before, so its row must be there; if it is not (a sweeper released
     it), raises :class:`LeaseLost`, which rolls the transaction back."""
+    # The lease's row first, then the day's budget: the order every script that touches both
+    # uses (settlement, give-back, the sweeper), so that PostgreSQL's row locks cannot deadlock.
+    if exists:
+        if tx.one(
+            "UPDATE reservations SET created_ms = ? WHERE id = ? RETURNING amount_micros",
+            (ts, lease_row),
+        ) is None:
+            raise LeaseLost(lease_row)
+    else:  # (an upsert: concurrent first grows of one lease meet on its row)
+        tx.execute(
+            "INSERT INTO reservations (id, key_id, day, amount_micros, created_ms)"
+            " VALUES (?, ?, ?, 0, ?) ON CONFLICT (id) DO UPDATE SET created_ms = excluded.created_ms",
+            (lease_row, key_id, day, ts),
+        )
     if extra > 0:
         cap, used = budget_view(tx, key_id, day)
-        if cap is not None:
-            extra = max(0, min(extra, (cap - used - need) // 4))
-        else:
-            extra = 0
+        extra = 0 if cap is None else max(0, min(extra, (cap - used - need) // 4))
     status, cap, remaining = hold(tx, key_id, day, need + extra)
     amount = need + extra
     if status == "budget_exhausted" and extra > 0:
         status, cap, remaining = hold(tx, key_id, day, need)
         amount = need
     if status != "ok":
+        if not exists:  # nothing held: no empty row left behind (unless a concurrent grow's)
+            tx.execute("DELETE FROM reservations WHERE id = ? AND amount_micros = 0", (lease_row,))
         return status, cap, remaining, 0
-    if exists:
-        if tx.one(
-            "UPDATE reservations SET amount_micros = amount_micros + ?, created_ms = ?"
-            " WHERE id = ? RETURNING amount_micros",
-            (amount, ts, lease_row),
-        ) is None:
-            raise LeaseLost(lease_row)
-    else:  # (an upsert: concurrent first grows of one lease meet on its row)
-        tx.execute(
-            "INSERT INTO reservations (id, key_id, day, amount_micros, created_ms)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE"
-            " SET amount_micros = reservations.amount_micros + excluded.amount_micros,"
-            " created_ms = excluded.created_ms",
-            (lease_row, key_id, day, amount, ts),
-        )
+    tx.execute(
+        "UPDATE reservations SET amount_micros = amount_micros + ? WHERE id = ?", (amount, lease_row)
+    )
     return status, cap, remaining, amount
+
+
+def regrow_amount(tx: Tx, key_id: str, day: str, wanted: int) -> int:
+    """What a settlement may hold again for a lease: what its carves released, at most a
+    quarter of what the budget has left (the bound a grow keeps too)."""
+    cap, used = budget_view(tx, key_id, day)
+    return 0 if cap is None else max(0, min(wanted, (cap - used) // 4))
 
 
 def give_back(tx: Tx, lease_rows: list[str]) -> int:

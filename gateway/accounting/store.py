@@ -166,7 +166,7 @@ _IDS_PER_STATEMENT = 500
 class _LeaseSettlement:
     """What a batch does to the leases it touches, and what came of it."""
 
-    carved: dict[int, tuple[str, int, str]]  # item index -> (lease row, amount carved, day)
+    carved: dict[int, tuple[str | None, int, str]]  # item index -> (lease row, carved, day)
     regrow: dict[str, tuple[str, str, int]]  # lease row -> (key, day, amount to hold again)
     ts: int
     clamp: dict[int, int] = dataclasses.field(default_factory=dict)  # index -> carve of a lost lease
@@ -196,9 +196,10 @@ def _settle(
     if leases is not None:
         by_row: dict[str, int] = {}
         for row_id, amount, _day in carved.values():
-            by_row[row_id] = by_row.get(row_id, 0) + amount
-        for row_id, amount in by_row.items():
-            if amount > 0 and tx.one(
+            if row_id is not None:
+                by_row[row_id] = by_row.get(row_id, 0) + amount
+        for row_id, amount in by_row.items():  # (also resets the row's age, zero amounts too)
+            if tx.one(
                 "UPDATE reservations SET amount_micros = amount_micros - ?, created_ms = ?"
                 " WHERE id = ? RETURNING amount_micros",
                 (amount, leases.ts, row_id),
@@ -285,8 +286,11 @@ def _settle(
         recorded.append((record, billed))
     apply()
     if leases is not None:
-        for row_id, (key_id, day, amount) in leases.regrow.items():
-            if row_id in leases.lost or amount <= 0:
+        for row_id, (key_id, day, wanted) in leases.regrow.items():
+            if row_id in leases.lost or wanted <= 0:
+                continue
+            amount = lease_sql.regrow_amount(tx, key_id, day, wanted)
+            if amount <= 0:
                 continue
             status, _cap, _left = lease_sql.hold(tx, key_id, day, amount)
             if status == "ok":
@@ -411,17 +415,20 @@ class Store:
         lease_factor: int = 0,
         lease_idle_ms: int = 1_000,
         lease_refresh_ms: int = 60_000,
+        lease_carve_ttl_ms: int = 900_000,
     ) -> None:
         """``lease_factor``: how many times a request's reservation a budget lease grows by
         beyond what the request needs (see :mod:`gateway.accounting.leases`; 0 holds exactly
         the requests in flight). ``lease_refresh_ms``: how often a held lease's age is reset,
-        well within the sweeper's TTL."""
+        well within the sweeper's TTL. ``lease_carve_ttl_ms``: a request that has not settled
+        after this long (the sweeper's TTL) stops holding its lease."""
         if lease_factor < 0:
             raise ValueError("lease_factor must be >= 0")
         self.db = db
         self.clock = clock  # milliseconds since the epoch; injectable for window tests
         self.leases = LeaseBook(factor=lease_factor, idle_ms=lease_idle_ms)
         self.lease_refresh_ms = lease_refresh_ms
+        self.lease_carve_ttl_ms = lease_carve_ttl_ms
         self._ids = random.Random(os.urandom(32))
         self.key_cache_ttl_ms = key_cache_ttl_ms
         self._keys: dict[str, tuple[KeyInfo, int]] = {}  # key hash -> (key, reload at ms)
@@ -643,10 +650,18 @@ class Store:
             if lease.lost or lease.retired:
                 return "budget_exhausted", 0, 0  # an escalation on a lease that is gone
             if lease.free >= amount:
-                cap, used = await self.db.read(lambda tx: lease_sql.budget_view(tx, key_id, day))
+                lease.growing += 1  # (keeps the upkeep from giving the lease back meanwhile)
+                try:
+                    cap, used = await self.db.read(lambda tx: lease_sql.budget_view(tx, key_id, day))
+                finally:
+                    lease.growing -= 1
                 if cap is None:
                     return "unauthorized", 0, 0
-                if used <= cap and not (lease.lost or lease.retired) and lease.free >= amount:
+                if lease.lost or lease.retired:  # (only if the read had to wait: PostgreSQL)
+                    if fixed:
+                        return "budget_exhausted", 0, 0
+                    continue
+                if used <= cap and lease.free >= amount:
                     book.carve(lease, request_id, amount, ts)
                     return "ok", cap, cap - used + lease.free
             pre = min(lease.free, amount)
@@ -728,11 +743,12 @@ class Store:
         queue; cheap when there is nothing to do."""
         now = self.clock()
         book = self.leases
+        book.abandon_older_than(now - self.lease_carve_ttl_ms)
         back = book.returnable(now)
         if back:
             try:
                 await self.db.run(lambda tx: lease_sql.give_back(tx, [lease.row_id for lease in back]))
-            except Exception:
+            except BaseException:
                 book.retired.extend(back)  # tried again next time
                 raise
         due = [
@@ -771,7 +787,7 @@ class Store:
         book = self.leases
         taken: dict[int, tuple[str, Carve]] = {}
         for i, (rid, _record, _cap) in enumerate(items):
-            carve = book.carves.pop(rid, None) if rid is not None else None
+            carve = book.pop(rid) if rid is not None else None
             if carve is not None:
                 taken[i] = (rid, carve)
         ts = self.clock()
@@ -781,7 +797,8 @@ class Store:
             if lease.lost:
                 leases.clamp[i] = carve.amount  # billed like a released reservation
                 continue
-            leases.carved[i] = (lease.row_id, carve.amount, lease.day)
+            # (a lease without a row has held nothing, so its carves are all zero)
+            leases.carved[i] = (lease.row_id if lease.has_row else None, carve.amount, lease.day)
             if book.factor > 0 and not lease.retired:
                 key_id, day, amount = leases.regrow.get(lease.row_id, (lease.key_id, lease.day, 0))
                 leases.regrow[lease.row_id] = (key_id, day, amount + carve.amount)
@@ -796,10 +813,10 @@ class Store:
 
         try:
             results = await self.db.run(script)
-        except Exception:  # not committed: the next write carries them
+        except BaseException:  # not committed (or cancelled): the next write carries them
             self.rates.restore_unwritten(counts)
             for rid, carve in taken.values():
-                book.carves[rid] = carve
+                book.put_back(rid, carve)
             raise
         for _rid, carve in taken.values():
             lease = carve.lease
@@ -809,7 +826,8 @@ class Store:
                 book.retire(lease)
             elif not lease.lost:
                 lease.total -= carve.amount
-                lease.refreshed_ms = ts
+                if lease.has_row:
+                    lease.refreshed_ms = ts
         for _rid, carve in taken.values():
             grown = leases.regrown.pop(carve.lease.row_id, 0)
             carve.lease.total += grown

@@ -133,14 +133,40 @@ def test_a_swept_lease_bills_its_carves_at_most_what_they_carved_and_releases_no
     assert held(a, info.id) == (390, 500) and len(rows(a)) == 1
 
 
-def test_a_lease_in_use_is_kept_fresh_for_the_sweeper(two) -> None:
+def test_a_lease_in_use_is_kept_fresh_for_the_sweeper_until_the_ttl(two) -> None:
     (a, _b), clock, raw, info = two
-    asyncio.run(a.admit(raw, 100, "req_long"))  # a request that runs for an hour
-    for _ in range(60):
+    asyncio.run(a.admit(raw, 100, "req_long"))  # a request that runs for a long time
+    for _ in range(14):
         clock.now += 60_000
         asyncio.run(a.maintain_leases())
         assert asyncio.run(a.release_stale(900_000)) == 0
     assert held(a, info.id) == (0, 500)
+    # Past the sweeper's TTL an unsettled request stops holding its lease (as its reservation
+    # row was swept before leases): a request that never settles cannot pin the budget.
+    clock.now += 120_000
+    asyncio.run(a.maintain_leases())
+    assert held(a, info.id) == (0, 0) and not a.leases.carves
+    # if it settles after all, it is billed what still fits, never more than it cost
+    billed, _ = asyncio.run(a.settle("req_long", record(info.id, "req_long", 80), 10_000))
+    assert billed == 80 and held(a, info.id) == (80, 0)
+
+
+def test_free_requests_keep_their_lease_fresh_and_alive(two) -> None:
+    """Zero-amount carves (a free model) still reset the lease row's age at settlement, and an
+    open zero carve keeps the lease from being given back under it (an escalation needs it)."""
+    (a, _b), clock, raw, info = two
+    asyncio.run(a.admit(raw, 100, "paid"))
+    asyncio.run(a.settle("paid", record(info.id, "paid", 0), 10_000))
+    for i in range(20):  # 20 minutes of free requests, one a minute
+        clock.now += 60_000
+        asyncio.run(a.admit(raw, 0, f"free_{i}"))
+        asyncio.run(a.settle(f"free_{i}", record(info.id, f"free_{i}", 0), 10_000))
+        assert asyncio.run(a.release_stale(900_000)) == 0
+    assert held(a, info.id) == (0, 500)
+    asyncio.run(a.admit(raw, 0, "free_slow"))  # a free request whose upstream takes 2 s ...
+    clock.now += 2_000
+    asyncio.run(a.maintain_leases())
+    assert asyncio.run(a.extend("free_slow", 300, 10_000)) is not None  # ... then escalates
 
 
 def test_a_client_gone_while_its_lease_grows_leaves_the_grow_to_the_lease(two) -> None:
@@ -193,10 +219,14 @@ class LeaseMachine(RuleBasedStateMachine):
         self.dbs = [open_database(url) for _ in range(2)]
         migrate(self.dbs[0])
         self.clock = Clock()
-        self.stores = [Store(db, clock=self.clock, lease_factor=factor) for db in self.dbs]
+        self.stores = [
+            Store(db, clock=self.clock, lease_factor=factor, lease_carve_ttl_ms=6_000)
+            for db in self.dbs
+        ]
         self.raw, self.info = self.stores[0].create_key_sync("", cap, 1_000_000)
         self.caps = [cap]
         self.open: dict[str, tuple[int, int]] = {}  # request -> (store, reserved)
+        self.abandoned: dict[str, tuple[int, int]] = {}  # unsettled past the carve TTL
         self.closed: list[tuple[int, str]] = []  # settled requests, to settle again
         self.billed = 0
         self.n = 0
@@ -263,6 +293,22 @@ class LeaseMachine(RuleBasedStateMachine):
     @rule(who=st.integers(0, 1))
     def maintain(self, who: int) -> None:
         asyncio.run(self.stores[who].maintain_leases())
+        for rid, (w, amount) in list(self.open.items()):
+            if w == who and rid not in self.stores[who].leases.carves:  # past the carve TTL
+                self.abandoned[rid] = self.open.pop(rid)
+
+    @precondition(lambda self: self.abandoned)
+    @rule(data=st.data())
+    def settle_abandoned(self, data) -> None:
+        """A request that outlived the carve TTL settles after all: never billed more than it
+        cost, nor more than the cap has left."""
+        rid = data.draw(st.sampled_from(sorted(self.abandoned)))
+        who, amount = self.abandoned.pop(rid)
+        cost = data.draw(st.integers(0, amount + 50))
+        billed, _ = asyncio.run(self.stores[who].settle(rid, record(self.info.id, rid, cost), self.caps[-1]))
+        assert 0 <= billed <= cost
+        self.billed += billed
+        self.closed.append((who, rid))
 
     @rule(who=st.integers(0, 1), ttl=st.integers(500, 5_000))
     def sweep(self, who: int, ttl: int) -> None:
@@ -310,13 +356,14 @@ class LeaseMachine(RuleBasedStateMachine):
     @rule()
     def drain(self) -> None:
         """Everything settles and the leases go back: nothing stays held."""
-        for rid, (who, amount) in sorted(self.open.items()):
+        for rid, (who, amount) in sorted({**self.open, **self.abandoned}.items()):
             billed, _ = asyncio.run(
                 self.stores[who].settle(rid, record(self.info.id, rid, amount), self.caps[-1])
             )
             self.billed += billed
             self.closed.append((who, rid))
         self.open.clear()
+        self.abandoned.clear()
         for store in self.stores:
             asyncio.run(store.return_leases())
         spent, reserved = held(self.stores[0], self.info.id)
