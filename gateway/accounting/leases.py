@@ -243,11 +243,15 @@ def grow(
     return status, cap, remaining, amount
 
 
-def regrow_amount(tx: Tx, key_id: str, day: str, wanted: int) -> int:
-    """What a settlement may hold again for a lease: what its carves released, at most a
-    quarter of what the budget has left (the bound a grow keeps too)."""
-    cap, used = budget_view(tx, key_id, day)
-    return 0 if cap is None else max(0, min(wanted, (cap - used) // 4))
+def hold_again(tx: Tx, key_id: str, day: str, amount: int) -> bool:
+    """A settlement holds ``amount`` again for a lease, all of it or nothing, only if it is at
+    most a quarter of what the budget has left (the bound a grow keeps too): one statement."""
+    return tx.one(
+        "UPDATE budget_days SET reserved_micros = reserved_micros + ?"
+        " WHERE key_id = ? AND day = ?"
+        f" AND spent_micros + reserved_micros + 4 * ? <= {ACTIVE_CAP} RETURNING 1",
+        (amount, key_id, day, amount, key_id),
+    ) is not None
 
 
 def give_back(tx: Tx, lease_rows: list[str]) -> int:

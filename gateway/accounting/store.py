@@ -286,14 +286,10 @@ def _settle(
         recorded.append((record, billed))
     apply()
     if leases is not None:
-        for row_id, (key_id, day, wanted) in leases.regrow.items():
-            if row_id in leases.lost or wanted <= 0:
+        for row_id, (key_id, day, amount) in leases.regrow.items():
+            if row_id in leases.lost or amount <= 0:
                 continue
-            amount = lease_sql.regrow_amount(tx, key_id, day, wanted)
-            if amount <= 0:
-                continue
-            status, _cap, _left = lease_sql.hold(tx, key_id, day, amount)
-            if status == "ok":
+            if lease_sql.hold_again(tx, key_id, day, amount):
                 tx.execute(
                     "UPDATE reservations SET amount_micros = amount_micros + ? WHERE id = ?",
                     (amount, row_id),
