@@ -162,10 +162,6 @@ class LeaseBook:
         self.retired = [lease for lease in self.retired if lease not in ready]
         return [lease for lease in ready if lease.has_row and not lease.lost]
 
-    def held(self, key_id: str, day: str) -> int:
-        lease = self.leases.get((key_id, day))
-        return 0 if lease is None or lease.lost else lease.free
-
 
 # ----------------------------------------------------------------------------- scripts
 

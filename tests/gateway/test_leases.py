@@ -22,8 +22,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from gateway.accounting.db import open_database, migrate
-from gateway.accounting.records import AttemptRecord, CompletionRecord
+from gateway.accounting.records import CompletionRecord
 from gateway.accounting.store import Store, utc_day
+from recordkit import completion_record
 
 LONG = os.environ.get("PURA_HYPOTHESIS_PROFILE") == "long"
 T0 = 1_790_000_000_000  # a fixed day; the machine stays well inside it
@@ -37,15 +38,8 @@ class Clock:
         return self.now
 
 
-def record(key_id: str, rid: str, cost: int, ts: int = T0) -> CompletionRecord:
-    return CompletionRecord(
-        request_id=rid, key_id=key_id, created_ms=ts, finished_ms=ts, outcome="ok",
-        http_status=200, provider="p", model="m", tier="cheap", stream=False, prompt_tokens=1,
-        completion_tokens=1, usage_estimated=False, cost_micros=cost, billed_micros=cost,
-        premium_cost_micros=cost, cascade_depth=0, confidence=None, explored=False, latency_ms=1,
-        response_sha256=None, attempts=(AttemptRecord("p", "m", "cheap", "ok", cost, 1),),
-    )
-
+def record(key_id: str, rid: str, cost: int) -> CompletionRecord:
+    return completion_record(key_id, rid, cost, T0)
 
 @pytest.fixture()
 def two(tmp_path: Path):

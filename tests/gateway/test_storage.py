@@ -22,6 +22,7 @@ from gateway.accounting.db import _load_migrations, migrate, open_database
 from gateway.accounting.records import AttemptRecord, CompletionRecord
 from gateway.accounting.store import Store
 from gateway.devstack import free_port
+from recordkit import completion_record
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -145,23 +146,13 @@ def test_concurrent_admissions_through_budget_leases_never_exceed_the_cap(db_url
         assert 33 * len(ok) > 5_000 - 3 * 33  # less than a reservation left per process
         # once every request has settled and the leases are back, nothing stays held
         for s, r in ((s, r) for s in stores for r in ok if r.reservation_id in s.leases.carves):
-            asyncio.run(s.settle(r.reservation_id, _record(info.id, r.reservation_id, 10), 5_000))
+            asyncio.run(s.settle(r.reservation_id, completion_record(info.id, r.reservation_id, 10), 5_000))
         for s in stores:
             asyncio.run(s.return_leases())
         assert asyncio.run(stores[0].budget_state(info.id)) == (10 * len(ok), 0)
     finally:
         for db in dbs:
             db.close_sync()
-
-
-def _record(key_id: str, rid: str, cost: int) -> CompletionRecord:
-    return CompletionRecord(
-        request_id=rid, key_id=key_id, created_ms=1, finished_ms=1, outcome="ok",
-        http_status=200, provider="p", model="m", tier="cheap", stream=False, prompt_tokens=1,
-        completion_tokens=1, usage_estimated=False, cost_micros=cost, billed_micros=cost,
-        premium_cost_micros=cost, cascade_depth=0, confidence=None, explored=False, latency_ms=1,
-        response_sha256=None, attempts=(AttemptRecord("p", "m", "cheap", "ok", cost, 1),),
-    )
 
 
 def test_concurrent_rate_limit_admits_exactly_the_limit(store: Store) -> None:
@@ -336,13 +327,7 @@ def test_batched_settlement_bills_like_settling_one_by_one(store: Store) -> None
     ts = store.clock()
 
     def record(key_id: str, rid: str, cost: int) -> CompletionRecord:
-        return CompletionRecord(
-            request_id=rid, key_id=key_id, created_ms=ts, finished_ms=ts, outcome="ok",
-            http_status=200, provider="p", model="m", tier="cheap", stream=False, prompt_tokens=1,
-            completion_tokens=1, usage_estimated=False, cost_micros=cost, billed_micros=cost,
-            premium_cost_micros=cost, cascade_depth=0, confidence=None, explored=False, latency_ms=1,
-            response_sha256=None, attempts=(AttemptRecord("p", "m", "cheap", "ok", cost, 1),),
-        )
+        return completion_record(key_id, rid, cost, ts)
 
     r1 = asyncio.run(store.admit(raw1, 300, "req_1"))
     r2 = asyncio.run(store.admit(raw1, 400, "req_2"))
