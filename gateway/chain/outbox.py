@@ -7,13 +7,19 @@ nonce as replayed, and the batcher reads that as confirmation (only this source 
 nonces, so a replayed nonce of ours was recorded by an earlier transaction of ours).
 
 Status: ``queued`` -> ``sent`` (claimed by a batcher, with the tx hash once known) ->
-``confirmed`` | ``rejected`` (with the tracker's reason). ``sent`` rows whose batcher died are
-reclaimed after ``reclaim_after_ms``. A ``not funded`` rejection is not final: the row goes
-back to ``queued`` until the funding catches up or the deadline passes.
+``confirmed`` | ``rejected`` (with the tracker's reason). A ``not funded`` rejection is not
+final: the row goes back to ``queued`` until the funding catches up or the deadline passes.
+
+Several replicas share the table on PostgreSQL. A claim hands each row to exactly one batcher
+and stamps it with that outbox's random id (``claimed_by``); the claim is a lease of
+``reclaim_after_ms``: a ``sent`` row older than that is taken over by the next claim, by any
+replica, which is how the rows of a batcher that died come back. See :meth:`Outbox.recover`
+for what a starting process does with rows left ``sent``.
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass
 
@@ -78,6 +84,7 @@ class Outbox:
     def __init__(self, db: SqliteDatabase | PostgresDatabase, reclaim_after_ms: int = 120_000) -> None:
         self.db = db
         self.reclaim_after_ms = reclaim_after_ms
+        self.owner = secrets.token_hex(8)  # claimed_by of this process's claims
         self._nonces: dict[str, list[int]] = {}  # source -> [next, end) of the block in hand
         self._lock = threading.Lock()
 
@@ -123,34 +130,57 @@ class Outbox:
         await self.db.run(insert)
 
     async def recover(self) -> int:
-        """At start: rows a previous process claimed and never settled go back to the queue
-        (if that process's transaction did land, the resubmission is recorded as a replay of
-        our own nonce and confirmed; another live replica's in-flight batch, on a shared
-        database, is likewise resubmitted harmlessly)."""
+        """At start: on SQLite, every ``sent`` row goes back to the queue; on PostgreSQL, none.
+
+        SQLite is the one-process deployment: a row still ``sent`` when the process starts was
+        claimed by a process that is gone, usually this gateway's previous incarnation killed
+        mid-batch, so it is resubmitted at once rather than after its lease (if that batch did
+        land, the resubmission comes back as a replay of our own nonce and is confirmed).
+
+        On PostgreSQL other replicas share the table, and a fresh ``sent`` row is most likely
+        one a live replica is submitting right now: requeueing it would submit it twice. A new
+        process cannot tell a dead claimer from a live one (``claimed_by`` is new in every
+        process), so it leaves them all to the lease: the next claim after ``reclaim_after_ms``
+        takes a dead claimer's rows over. Returns the rows requeued.
+        """
+        if self.db.dialect != "sqlite":
+            return 0
         now = now_ms()
         return await self.db.run(
-            lambda tx: tx.execute("UPDATE chain_receipts SET status = 'queued', updated_ms = ? WHERE status = 'sent'",
-                                  (now,))
+            lambda tx: tx.execute(
+                "UPDATE chain_receipts SET status = 'queued', claimed_by = NULL, updated_ms = ? WHERE status = 'sent'",
+                (now,),
+            )
         )
 
     async def claim(self, limit: int) -> dict[str, list[OutboxRow]]:
-        """Mark up to `limit` queued rows (and abandoned sent ones) as sent; by task type."""
+        """Mark up to `limit` queued rows (and sent ones whose lease ran out) as sent by this
+        outbox, oldest first; by task type.
+
+        Each row goes to exactly one claimer. SQLite runs the script under the database's write
+        lock (``BEGIN IMMEDIATE``, taken before the select), so selecting and marking are one
+        exclusive step even across processes. PostgreSQL runs READ COMMITTED with no such lock:
+        two replicas would read the same queued rows and both mark and submit them. There the
+        select locks the rows it returns and skips rows another claim has locked (``FOR UPDATE
+        SKIP LOCKED``), so concurrent claims take disjoint rows without waiting for each other;
+        a row another claim committed meanwhile fails the re-checked condition and is dropped.
+        """
         now = now_ms()
         stale = now - self.reclaim_after_ms
 
         def script(tx: Tx) -> list[tuple]:
+            lock = " FOR UPDATE SKIP LOCKED" if tx.dialect == "postgresql" else ""
             rows = tx.all(
                 f"SELECT {_COLUMNS} FROM chain_receipts "
                 "WHERE status = 'queued' OR (status = 'sent' AND updated_ms < ?) "
-                "ORDER BY created_ms LIMIT ?",
+                f"ORDER BY created_ms, request_id LIMIT ?{lock}",
                 (stale, limit),
             )
-            for r in rows:
-                tx.execute(
-                    "UPDATE chain_receipts SET status = 'sent', tries = tries + 1, updated_ms = ? "
-                    "WHERE request_id = ?",
-                    (now, r[0]),
-                )
+            tx.many(
+                "UPDATE chain_receipts SET status = 'sent', claimed_by = ?, tries = tries + 1, updated_ms = ? "
+                "WHERE request_id = ?",
+                [(self.owner, now, r[0]) for r in rows],
+            )
             return rows
 
         out: dict[str, list[OutboxRow]] = {}
@@ -185,15 +215,17 @@ class Outbox:
         await self.db.run(script)
 
     async def requeue(self, request_ids: list[str]) -> None:
+        """Put rows this outbox claimed back in the queue. A row settled meanwhile, or taken
+        over by another claimer after this claim's lease ran out, is left as it is: queueing it
+        again would only submit it once more."""
         now = now_ms()
-
-        def script(tx: Tx) -> None:
-            for rid in request_ids:
-                tx.execute(
-                    "UPDATE chain_receipts SET status = 'queued', updated_ms = ? WHERE request_id = ?", (now, rid)
-                )
-
-        await self.db.run(script)
+        await self.db.run(
+            lambda tx: tx.many(
+                "UPDATE chain_receipts SET status = 'queued', claimed_by = NULL, updated_ms = ? "
+                "WHERE request_id = ? AND status = 'sent' AND claimed_by = ?",
+                [(now, rid, self.owner) for rid in request_ids],
+            )
+        )
 
     # ------------------------------------------------------------------ reads
 

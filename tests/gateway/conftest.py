@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
 
 import openai
 import pytest
 
+from gateway.accounting.db import open_database
 from gateway.config import ModelConfig, RoutingConfig, SelectionPolicy
-from gateway.devstack import LocalStack, start_local_stack
+from gateway.devstack import LocalStack, free_port, start_local_stack
 from gateway.upstreams.local_provider import StandInBehaviour
 
 
@@ -31,6 +35,71 @@ from gateway.upstreams.local_provider import StandInBehaviour
 _ANVIL_BIN = Path(__file__).resolve().parents[2] / "node_modules" / ".bin"
 if shutil.which("anvil") is None and (_ANVIL_BIN / "anvil").exists():
     os.environ["PATH"] = f"{_ANVIL_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server for the storage tests: ``PURA_TEST_POSTGRES_URL`` if set; otherwise,
+    when the PostgreSQL 15 server binaries are installed (Debian's ``postgresql-15``), a throwaway
+    cluster on a unix socket in a temporary directory (run as the ``postgres`` user when running
+    as root), one for the whole session. Without either, the PostgreSQL cases are skipped and say
+    why."""
+    url = os.environ.get("PURA_TEST_POSTGRES_URL")
+    if url:
+        yield url
+        return
+    initdb = PG_BIN / "initdb"
+    if not initdb.exists():
+        pytest.skip("no PURA_TEST_POSTGRES_URL and no PostgreSQL 15 server binaries")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: cannot start a PostgreSQL cluster")
+    workdir = Path(tempfile.mkdtemp(prefix="pura-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres", "postgres")
+    data, port = workdir / "data", free_port()
+    try:
+        subprocess.run(
+            _as_postgres([str(initdb), "-D", str(data), "-A", "trust", "-U", "postgres",
+                          "-E", "UTF8", "--locale=C", "--no-sync"]),
+            check=True, capture_output=True, timeout=120,
+        )
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l",
+                          str(workdir / "log"), "-o",
+                          f"-p {port} -k {workdir} -c listen_addresses='' -c fsync=off", "start"]),
+            check=True, capture_output=True, timeout=120,
+        )
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        pytest.skip(f"could not start a throwaway PostgreSQL cluster: {exc}")
+    try:
+        yield f"postgresql://postgres@/postgres?host={workdir}&port={port}"
+    finally:
+        subprocess.run(
+            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+            capture_output=True, timeout=60,
+        )
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture()
+def empty_postgres_url(postgres_url: str) -> str:
+    """``postgres_url`` with none of the gateway's tables: every test migrates from scratch."""
+    db = open_database(postgres_url)
+    db.run_sync(lambda tx: [tx.execute(f"DROP TABLE IF EXISTS {t}") for t in (
+        "usage_attempts", "usage_records", "reservations", "budget_days", "rate_buckets",
+        "api_keys", "chain_receipts", "chain_nonces", "schema_migrations")])
+    db.close_sync()
+    return postgres_url
 
 
 def _model(id_: str, tier: str, inp: str, out: str) -> ModelConfig:

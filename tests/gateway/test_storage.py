@@ -1,18 +1,12 @@
 """The storage layer on SQLite and PostgreSQL: migrations and the atomic accounting scripts.
 
-PostgreSQL: ``PURA_TEST_POSTGRES_URL`` if set; otherwise, when the PostgreSQL 15 server binaries
-are installed (Debian's ``postgresql-15``), a throwaway cluster is started on a unix socket in a
-temporary directory (as the ``postgres`` user when running as root). Without either, the
-PostgreSQL cases are skipped and say why.
+PostgreSQL: see the ``postgres_url`` fixture in conftest.py (``PURA_TEST_POSTGRES_URL`` or a
+throwaway cluster; skipped, with the reason, when neither is possible).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,56 +15,7 @@ import pytest
 from gateway.accounting.db import _load_migrations, migrate, open_database
 from gateway.accounting.records import AttemptRecord, CompletionRecord
 from gateway.accounting.store import Store
-from gateway.devstack import free_port
 from recordkit import completion_record
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *cmd]
-    return cmd
-
-
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    url = os.environ.get("PURA_TEST_POSTGRES_URL")
-    if url:
-        yield url
-        return
-    initdb = PG_BIN / "initdb"
-    if not initdb.exists():
-        pytest.skip("no PURA_TEST_POSTGRES_URL and no PostgreSQL 15 server binaries")
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: cannot start a PostgreSQL cluster")
-    workdir = Path(tempfile.mkdtemp(prefix="pura-pg-", dir="/tmp"))
-    if os.geteuid() == 0:
-        shutil.chown(workdir, "postgres", "postgres")
-    data, port = workdir / "data", free_port()
-    try:
-        subprocess.run(
-            _as_postgres([str(initdb), "-D", str(data), "-A", "trust", "-U", "postgres",
-                          "-E", "UTF8", "--locale=C", "--no-sync"]),
-            check=True, capture_output=True, timeout=120,
-        )
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-t", "60", "-l",
-                          str(workdir / "log"), "-o",
-                          f"-p {port} -k {workdir} -c listen_addresses='' -c fsync=off", "start"]),
-            check=True, capture_output=True, timeout=120,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        pytest.skip(f"could not start a throwaway PostgreSQL cluster: {exc}")
-    try:
-        yield f"postgresql://postgres@/postgres?host={workdir}&port={port}"
-    finally:
-        subprocess.run(
-            _as_postgres([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
-            capture_output=True, timeout=60,
-        )
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -78,14 +23,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'store.db'}"
         return
-    url = request.getfixturevalue("postgres_url")
-    db = open_database(url)
-    # a clean schema for every test
-    db.run_sync(lambda tx: [tx.execute(f"DROP TABLE IF EXISTS {t}") for t in (
-        "usage_attempts", "usage_records", "reservations", "budget_days", "rate_buckets",
-        "api_keys", "chain_receipts", "chain_nonces", "schema_migrations")])
-    db.close_sync()
-    yield url
+    yield request.getfixturevalue("empty_postgres_url")
 
 
 @pytest.fixture()
