@@ -366,6 +366,7 @@ def _install_routes(app: FastAPI, chat: ChatEndpoint) -> None:
             "providers": len(services.catalogue.provider_names),
             "models": len(services.catalogue.by_model),
             "weights": services.weights.snapshot().source,
+            "settlements": services.pipeline.settlement.health,
         }
 
 

@@ -6,7 +6,7 @@ on every request's critical path. Here the pipeline computes the bill in memory 
 ``min(cost, reservation)`` rule the database applies), answers, and queues the record; a
 background task commits everything queued during the last ``delay_ms`` in one transaction, then
 hands the committed records to the record sinks (so the receipt outbox of issue 5 only ever sees
-records that are durable).
+records that are durable, each once).
 
 The same commit writes the rate-limit counts of the requests admitted since the last one (the
 limit itself is enforced in memory, see :mod:`gateway.accounting.ratelimit`) and each key's last
@@ -15,21 +15,48 @@ use, one statement per key.
 Safety: a reservation (a carve of the process's budget lease, see
 :mod:`gateway.accounting.leases`) stays held until its settlement commits, so the budget bound
 holds throughout. The same commit gives each lease back what its settled carves released and,
-when that still fits under the cap, holds it again for the requests to come. If the process dies before a batch commits, those records are lost but their
-reservations are released by the sweeper: the keys are never over-charged. Reports call
-:meth:`SettlementQueue.flush` first, so a client always reads its own completed requests.
+when that still fits under the cap, holds it again for the requests to come. If the process
+dies before a batch commits, those records are lost but their reservations are released by the
+sweeper: the keys are never over-charged. Reports call :meth:`SettlementQueue.flush` first, so a
+client always reads its own completed requests (unless they wait for a retry, see below).
+
+Failures: a settlement that does not commit (the database locked beyond its busy timeout, a
+connection lost, a full disk) is kept in memory and tried again, in submission order, after a
+backoff that doubles from ``retry_ms`` to ``retry_max_ms``; its carve stays held meanwhile (a
+failed settlement changes nothing, :meth:`~gateway.accounting.store.Store.settle_many` puts its
+carves back), so the budget bound keeps holding and the retry bills it as the first try would
+have. A batch refused for another reason than the database being unavailable is settled one by
+one, so that one bad record does not hold back the others. A settlement that fails
+``max_failures`` times, or can provably never commit (another record holds its request id), is
+appended to a dead-letter file of JSON lines with the full record, for an operator to replay,
+and logged at ERROR: none is retried forever silently, none is dropped. While the database is
+unavailable, new settlements wait for the next retry instead of each trying on its own (on
+SQLite each try blocks the event loop for the busy timeout). :meth:`SettlementQueue.close` tries
+everything once more and dead-letters what still fails, so a shutdown during an outage loses
+nothing; a crash during one loses what waited for a retry, as it loses the last batch.
+
+A commit whose answer was lost (a connection dropped during COMMIT) is found out when its retry
+collides with its own record (the request id is the primary key, so nothing is billed twice):
+:meth:`~gateway.accounting.store.Store.find_settled` then counts it as settled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+from gateway.accounting.db import SqliteDatabase
 from gateway.accounting.records import CompletionRecord, RecordSink
-from gateway.accounting.store import Store
+from gateway.accounting.store import Store, now_ms
 
 log = logging.getLogger("pura.settlement")
+
+DEAD_LETTER_NAME = "settlement-dead-letter.jsonl"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +64,59 @@ class Settlement:
     reservation_id: str | None
     record: CompletionRecord
     cap_micros: int
+
+    @property
+    def item(self) -> tuple[str | None, CompletionRecord, int]:
+        """What :meth:`Store.settle_many` takes."""
+        return (self.reservation_id, self.record, self.cap_micros)
+
+
+@dataclass(slots=True, eq=False)
+class _Pending:
+    """A settlement being tried, or waiting for a retry: its place in submission order, how
+    many rounds it failed, and the last error (for the dead-letter file)."""
+
+    seq: int
+    settlement: Settlement
+    failures: int = 0
+    error: str = ""
+
+
+# (committed, failed, can never commit)
+_Outcome = tuple[list[_Pending], list[_Pending], list[_Pending]]
+
+
+def _unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database could not do any work (locked or busy beyond the
+    timeout, disk full or failing, connection lost), not that it refused this work (a
+    constraint, a bug). DB-API drivers (sqlite3, psycopg) call the former OperationalError;
+    matched by name so that this module need not import psycopg."""
+    return any(cls.__name__ == "OperationalError" for cls in type(exc).__mro__)
+
+
+def default_dead_letter_path(store: Store) -> Path:
+    """Next to the SQLite file; in the working directory with PostgreSQL (or in memory)."""
+    db = store.db
+    if isinstance(db, SqliteDatabase) and db.path != ":memory:":
+        return Path(db.path).absolute().parent / DEAD_LETTER_NAME
+    return Path(DEAD_LETTER_NAME).absolute()
+
+
+def _dead_letter_line(pending: _Pending) -> str:
+    """One dead-letter entry: what :meth:`Store.settle` needs to replay it, and why it failed.
+    Replaying is idempotent (a record already there is billed nothing twice)."""
+    s = pending.settlement
+    return json.dumps(
+        {
+            "reservation_id": s.reservation_id,
+            "cap_micros": s.cap_micros,
+            "record": dataclasses.asdict(s.record),
+            "failures": pending.failures,
+            "error": pending.error,
+            "dead_lettered_ms": now_ms(),
+        },
+        separators=(",", ":"),
+    )
 
 
 class SettlementQueue:
@@ -46,18 +126,47 @@ class SettlementQueue:
         sinks: list[RecordSink],
         delay_ms: float = 5.0,
         max_batch: int = 512,
+        retry_ms: float = 50.0,
+        retry_max_ms: float = 10_000.0,
+        max_failures: int = 20,
+        dead_letter_path: str | os.PathLike[str] | None = None,
     ) -> None:
+        """``retry_ms``: the first backoff after a failed commit, doubled after each failure up
+        to ``retry_max_ms``; ``max_failures``: failed tries before a settlement is
+        dead-lettered (the defaults retry for about two minutes);
+        ``dead_letter_path``: the dead-letter file (default: :func:`default_dead_letter_path`)."""
+        if max_failures < 1:
+            raise ValueError("max_failures must be >= 1")
         self.store = store
         self.sinks = sinks
         self.delay_s = delay_ms / 1000
         self.max_batch = max_batch
-        self._items: list[Settlement] = []
+        self.retry_s = retry_ms / 1000
+        self.retry_max_s = retry_max_ms / 1000
+        self.max_failures = max_failures
+        self.dead_letter_path = (
+            Path(dead_letter_path) if dead_letter_path is not None else default_dead_letter_path(store)
+        )
+        self.dead_lettered = 0
+        self._items: list[Settlement] = []  # submitted, not tried yet
+        self._parked: list[_Pending] = []  # failed, waiting for a retry; in submission order
+        self._retry_due = False
+        self._retry_timer: asyncio.TimerHandle | None = None
+        self._unavailable = False  # the last try found the database unavailable
+        self._failed_rounds = 0  # rounds in a row that left something uncommitted
         self._wake = asyncio.Event()
         self._done = asyncio.Condition()
         self._submitted = 0
-        self._committed = 0
+        self._taken = 0  # submitted settlements taken out of ``_items``
+        self._resolved = 0  # ... of which the first try has ended (committed, parked or dead)
+        self._closing = False
         self._task: asyncio.Task | None = None
         self._leases_task: asyncio.Task | None = None
+
+    @property
+    def health(self) -> dict[str, int]:
+        """Settlements waiting for a retry, and dead-lettered since the start (for /health)."""
+        return {"retrying": len(self._parked), "dead_lettered": self.dead_lettered}
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="pura-settlement")
@@ -70,25 +179,29 @@ class SettlementQueue:
         self._wake.set()
 
     async def flush(self) -> None:
-        """Return once everything submitted before this call is committed."""
+        """Return once everything submitted before this call has been tried: committed, or
+        parked for a retry because the try failed. So a report does not wait for a database
+        that is down (and misses what waits for a retry)."""
         target = self._submitted
-        if self._committed >= target:
+        if self._resolved >= target:
             return
         self._wake.set()
         async with self._done:
-            await self._done.wait_for(lambda: self._committed >= target)
+            await self._done.wait_for(lambda: self._resolved >= target)
 
     async def close(self) -> None:
-        """Commit what is queued, then stop."""
+        """Stop. What is queued and what waits for a retry is tried once more; what still
+        fails is dead-lettered, so a shutdown during an outage loses nothing."""
         if self._task is None:
             return
-        await self.flush()
-        if self.store.rates.has_unwritten:
-            await self._commit([])
-        tasks = [t for t in (self._task, self._leases_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._closing = True
+        self._wake.set()
+        await asyncio.gather(self._task, return_exceptions=True)  # (ends its round first)
+        self._cancel_retry()
+        await self._drain()
+        if self._leases_task is not None:
+            self._leases_task.cancel()
+            await asyncio.gather(self._leases_task, return_exceptions=True)
         self._task = self._leases_task = None
         try:
             await self.store.return_leases()
@@ -105,35 +218,197 @@ class SettlementQueue:
                 log.exception("budget lease upkeep failed")
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             if self.delay_s > 0 and len(self._items) < self.max_batch:
                 await asyncio.sleep(self.delay_s)
             self._wake.clear()
-            batch, self._items = self._items[: self.max_batch], self._items[self.max_batch :]
-            if self._items:
+            due = self._retry_due
+            retry = self._take_parked() if due else []
+            if self._unavailable and not due:
+                # Found down at the last try: the new ones wait for the retry round (after
+                # everything parked: no sort needed).
+                self._parked += self._take_fresh(len(self._items))
+                await self._resolve()
+                continue
+            fresh = self._take_fresh(self.max_batch - len(retry))
+            if self._items or self._retry_due:
                 self._wake.set()
-            if batch or self.store.rates.has_unwritten:
-                await self._commit(batch)
+            if retry or fresh or self.store.rates.has_unwritten:
+                await self._commit(retry + fresh)
 
-    async def _commit(self, batch: list[Settlement]) -> None:
-        items = [(s.reservation_id, s.record, s.cap_micros) for s in batch]
-        try:
-            await self.store.settle_many(items)
-        except Exception:
-            # One bad record must not lose the others: settle them one by one.
-            log.exception("batch settlement failed; settling one by one")
-            for item in items:
-                try:
-                    await self.store.settle(*item)
-                except Exception:
-                    log.exception("settlement failed", extra={"fields": {"request_id": item[1].request_id}})
-        self._committed += len(batch)
+    async def _drain(self) -> None:
+        """Try everything left once more, a batch at a time, dead-lettering what fails. Once
+        the database is found unavailable the rest is dead-lettered without a try (on SQLite
+        each would wait out the busy timeout)."""
+        self._unavailable = False
+        while self._parked or self._items:
+            batch = self._take_parked()
+            batch += self._take_fresh(self.max_batch - len(batch))
+            if self._unavailable:
+                self._dead_letter(batch, final=True)
+                await self._resolve()
+            else:
+                await self._commit(batch, final=True)
+        if self.store.rates.has_unwritten and not self._unavailable:
+            await self._commit([], final=True)
+
+    def _take_parked(self) -> list[_Pending]:
+        self._retry_due = False
+        taken, self._parked = self._parked[: self.max_batch], self._parked[self.max_batch :]
+        return taken
+
+    def _take_fresh(self, n: int) -> list[_Pending]:
+        fresh, self._items = self._items[:n], self._items[n:]
+        first, self._taken = self._taken, self._taken + len(fresh)
+        return [_Pending(first + i, s) for i, s in enumerate(fresh)]
+
+    def _park(self, entries: list[_Pending]) -> None:
+        if entries:
+            self._parked = sorted(self._parked + entries, key=lambda p: p.seq)
+
+    async def _resolve(self) -> None:
+        """Every settlement taken so far has had its first try: release the flushes."""
+        self._resolved = self._taken
         async with self._done:
             self._done.notify_all()
-        for settlement in batch:
+
+    async def _commit(self, batch: list[_Pending], final: bool = False) -> None:
+        """One round: commit ``batch``, park what failed (dead-letter it after ``max_failures``
+        tries, or at once if ``final``), then hand what committed to the sinks, in order."""
+        durable, failed, doomed = await self._settle(batch)
+        for pending in failed + doomed:
+            pending.failures += 1
+        kept: list[_Pending] = []
+        for pending in failed:
+            if final or pending.failures >= self.max_failures:
+                doomed.append(pending)
+            else:
+                kept.append(pending)
+        kept += self._dead_letter(doomed, final)
+        self._park(kept)
+        if kept or self._unavailable:
+            self._failed_rounds += 1
+            self._schedule_retry(self._backoff())
+        else:
+            self._failed_rounds = 0
+            if self._parked and self._retry_timer is None:
+                self._schedule_retry(0)  # more parked than one batch took: go on at once
+        await self._resolve()
+        await self._publish(durable)
+
+    async def _settle(self, batch: list[_Pending]) -> _Outcome:
+        """Commit ``batch`` in one transaction, or one by one if that is refused for another
+        reason than the database being unavailable: (committed, failed, can never commit)."""
+        try:
+            await self.store.settle_many([p.settlement.item for p in batch])
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            for pending in batch:
+                pending.error = error
+            if _unavailable(exc) or not batch:
+                log.warning("settlement failed: database unavailable", extra={"fields": {
+                    "error": error, "records": len(batch), "retrying": len(self._parked) + len(batch)}})
+                self._unavailable = True
+                return [], batch, []
+            log.exception("batch settlement failed; settling one by one")
+            return await self._settle_alone(batch)
+        self._unavailable = False
+        return batch, [], []
+
+    async def _settle_alone(self, batch: list[_Pending]) -> _Outcome:
+        """Settle one by one, so that one bad settlement does not hold back the others; stop at
+        the first that finds the database unavailable (the rest would too)."""
+        found: dict[str, list[_Pending]] = {"settled": [], "absent": [], "conflict": []}
+        for i, pending in enumerate(batch):
+            try:
+                await self.store.settle(*pending.settlement.item)
+            except Exception as exc:
+                pending.error = f"{type(exc).__name__}: {exc}"
+                where = None if _unavailable(exc) else await self._find(pending)
+                if where is None:
+                    self._unavailable = True
+                    return found["settled"], found["absent"] + batch[i:], found["conflict"]
+                found[where].append(pending)
+            else:
+                found["settled"].append(pending)
+        self._unavailable = False
+        return found["settled"], found["absent"], found["conflict"]
+
+    async def _find(self, pending: _Pending) -> str | None:
+        """After a settlement was refused: whether it had committed all the same, can never
+        commit, or neither (see :meth:`Store.find_settled`); None if the database cannot tell."""
+        s = pending.settlement
+        try:
+            where = await self.store.find_settled(s.reservation_id, s.record)
+        except Exception:
+            return None
+        fields = {"request_id": s.record.request_id, "error": pending.error}
+        if where == "settled":
+            log.warning("settlement had committed after all (its answer was lost)", extra={"fields": fields})
+        elif where == "absent":
+            log.warning("settlement failed; it is retried", extra={"fields": fields})
+        return where
+
+    def _backoff(self) -> float:
+        """Doubled for each failed try of the settlement that failed most, or for each round
+        that failed in a row (the rate-limit counts alone can fail too)."""
+        tries = max([self._failed_rounds, *(p.failures for p in self._parked)])
+        return min(self.retry_max_s, self.retry_s * 2 ** max(0, tries - 1))
+
+    def _schedule_retry(self, delay: float) -> None:
+        if self._closing:
+            return
+        self._cancel_retry()
+        self._retry_timer = asyncio.get_running_loop().call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_timer = None
+        self._retry_due = True
+        self._wake.set()
+
+    def _cancel_retry(self) -> None:
+        if self._retry_timer is not None:
+            self._retry_timer.cancel()
+            self._retry_timer = None
+
+    def _dead_letter(self, entries: list[_Pending], final: bool) -> list[_Pending]:
+        """Append ``entries`` to the dead-letter file (synced to disk) and log each at ERROR.
+        Returns the entries that could not be written, to keep for a retry; at ``final``
+        (shutdown) there is no retry, and their lines go to the log as the last resort."""
+        if not entries:
+            return []
+        lines = [_dead_letter_line(p) for p in entries]
+        path = self.dead_letter_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as out:
+                out.write("".join(line + "\n" for line in lines))
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError:
+            log.exception("writing the settlement dead-letter file failed",
+                          extra={"fields": {"path": str(path)}})
+            if not final:
+                return entries
+            for line in lines:
+                log.error("settlement lost, its dead-letter line: %s", line)
+            return []
+        self.dead_lettered += len(entries)
+        for pending in entries:
+            log.error(
+                "settlement dead-lettered",
+                extra={"fields": {
+                    "request_id": pending.settlement.record.request_id, "failures": pending.failures,
+                    "error": pending.error, "path": str(path),
+                }},
+            )
+        return []
+
+    async def _publish(self, durable: list[_Pending]) -> None:
+        for pending in durable:
             for sink in self.sinks:
                 try:
-                    await sink.publish(settlement.record)
+                    await sink.publish(pending.settlement.record)
                 except Exception:  # a sink must never break settlement
                     log.exception("record sink failed")

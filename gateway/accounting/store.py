@@ -829,6 +829,39 @@ class Store:
             carve.lease.total += grown
         return results
 
+    async def find_settled(
+        self, reservation_id: str | None, record: CompletionRecord
+    ) -> Literal["settled", "conflict", "absent"]:
+        """Where a settlement that raised stands: "settled" if its record is in the database all
+        the same (the call lost the answer of a commit that happened: a connection dropped
+        during COMMIT; its retry then collides with its own record, so nothing is billed
+        twice), "conflict" if another record holds its request id (it can never commit),
+        "absent" otherwise.
+
+        On "settled" the request's carve leaves the book, as that commit gave it back. The
+        commit may also have held the carve again for the lease, or found the lease's row gone:
+        the process no longer knows exactly what the row holds, so the lease is retired (no new
+        carves from it) and goes back, with what its row really holds, once its other carves
+        have settled. A write transaction, not :meth:`Database.read`: on SQLite a COMMIT that
+        failed can leave the connection inside the transaction, whose rows a read would see."""
+        row = await self.db.run(
+            lambda tx: tx.one(
+                "SELECT key_id, created_ms, finished_ms, cost_micros, response_sha256"
+                " FROM usage_records WHERE request_id = ?",
+                (record.request_id,),
+            )
+        )
+        if row is None:
+            return "absent"
+        r = record
+        if tuple(row) != (r.key_id, r.created_ms, r.finished_ms, r.cost_micros, r.response_sha256):
+            return "conflict"
+        carve = self.leases.pop(reservation_id) if reservation_id is not None else None
+        if carve is not None:
+            carve.lease.used -= carve.amount
+            self.leases.retire(carve.lease)
+        return "settled"
+
     async def release_stale(self, max_age_ms: int) -> int:
         """Release reservations older than ``max_age_ms``, prune old rate-limit buckets and
         forget cached keys and windows that are no longer used."""
