@@ -171,13 +171,18 @@ class ChatEndpoint:
         self._app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pipeline = self._app.state.services.pipeline
+        deferred: list = []  # the request's settlement and log line, published after its response
         try:
-            response = await self._app.state.services.pipeline.handle(Request(scope, receive))
-        except GatewayError as exc:
-            response = exc.response()
-        except Exception:
-            response = _internal_error()
-        await response(scope, receive, send)
+            try:
+                response = await pipeline.handle(Request(scope, receive), deferred)
+            except GatewayError as exc:
+                response = exc.response()
+            except Exception:
+                response = _internal_error()
+            await response(scope, receive, send)
+        finally:
+            pipeline.publish(deferred)
 
 
 class GatewayApp(FastAPI):

@@ -19,14 +19,15 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from gateway import errors
 from gateway.accounting.money import (
@@ -109,6 +110,9 @@ class RequestContext:
     terms: dict[str, Any] = field(default_factory=dict)
     sink_sigs: dict[str, str | None] = field(default_factory=dict)
     receipt_status: str | None = None
+    # where _finish leaves the settlement and the log line when the caller sends the response
+    # itself and publishes them after its last byte (see ChatPipeline.handle); None: at once
+    deferred: list[Callable[[], None]] | None = None
 
     @property
     def messages(self) -> list[dict]:
@@ -133,6 +137,26 @@ def _all_choice_text(data: dict) -> str:
         for c in data.get("choices") or []
         if isinstance(c, dict)
     )
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The request body, straight from the ASGI ``receive`` (Starlette's ``Request.body()``
+    goes through an async generator and a context manager for the same result, ~10 us on the
+    target machine). More than ``limit`` bytes: 413, without reading the rest."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        body = message.get("body", b"")
+        if body:
+            size += len(body)
+            if size > limit:
+                raise errors.too_large(limit)
+            chunks.append(body)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _reported_usage(obj: dict) -> tuple[int, int] | None:
@@ -184,14 +208,37 @@ class ChatPipeline:
 
     # ------------------------------------------------------------------ entry point
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(
+        self, request: Request, deferred: list[Callable[[], None]] | None = None
+    ) -> Response:
+        """Answer one chat request.
+
+        ``deferred``: a list the caller owns. The request's settlement and log line (everything
+        of :meth:`_finish` but the bill) are appended to it instead of being published at once,
+        and the caller runs :meth:`publish` on it after the response's last byte, however the
+        response ended. Neither has to be in place before the client has its answer: the bill
+        is computed before the response and the reservation stays held until the settlement
+        commits; and as nothing awaits between the last write and :meth:`publish`, a report the
+        client asks for next still sees the request. This takes them (about 40 us on the 2-core
+        target machine) off every response's critical path.
+        """
         self.in_flight += 1
         try:
-            return await self._handle(request)
+            return await self._handle(request, deferred)
         finally:
             self.in_flight -= 1
 
-    async def _handle(self, request: Request) -> Response:
+    @staticmethod
+    def publish(deferred: list[Callable[[], None]]) -> None:
+        """Run what :meth:`handle` deferred; one failing step does not stop the others."""
+        for step in deferred:
+            try:
+                step()
+            except Exception:
+                log.exception("publishing a request's record failed")
+        deferred.clear()
+
+    async def _handle(self, request: Request, deferred: list[Callable[[], None]] | None) -> Response:
         request_id = f"req_{time.time_ns() // 1_000_000:012x}{self._ids.getrandbits(48):012x}"
         base_headers = {"X-Pura-Request-Id": request_id}
         started = time.perf_counter()
@@ -212,6 +259,7 @@ class ChatPipeline:
                 headers["X-RateLimit-Remaining"] = str(admission.rate_remaining)
                 headers["X-RateLimit-Limit"] = str(admission.rate_limit)
             return self._error(err, headers, request_id, admission.key and admission.key.prefix, started)
+        ctx.deferred = deferred
         try:
             return await self._run(ctx)
         except GatewayError as err:
@@ -249,9 +297,7 @@ class ChatPipeline:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             raise errors.too_large(self.max_body_bytes)
-        raw = await request.body()
-        if len(raw) > self.max_body_bytes:
-            raise errors.too_large(self.max_body_bytes)
+        raw = await _read_body(request.receive, self.max_body_bytes)
         try:
             body = loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
         except (ValueError, UnicodeDecodeError, RecursionError):
@@ -542,7 +588,8 @@ class ChatPipeline:
         outcome: str,
         error: str | None = None,
     ) -> tuple[int, int]:
-        """Bill in memory, queue the settlement, log. Returns (billed, budget remaining).
+        """Bill in memory, then queue the settlement and log (at once, or deferred to the end
+        of the response: ``ctx.deferred``). Returns (billed, budget remaining).
 
         The bill uses the database's own rule (cost clamped to what this request reserved), so
         the headers agree with what the settlement commits a few milliseconds later.
@@ -554,6 +601,34 @@ class ChatPipeline:
         latency_ms = round((time.perf_counter() - ctx.started) * 1000)
         billed = min(ctx.cost_micros, ctx.reserved_micros)
         remaining = ctx.budget_remaining + ctx.reserved_micros - billed
+        attempts = tuple(ctx.attempts)  # the record is built later: fix what it says now
+
+        def publish() -> None:
+            self._publish(ctx, admission, status, route, answer, outcome, error, finished,
+                          latency_ms, billed, attempts)
+
+        if ctx.deferred is None:
+            publish()
+        else:
+            ctx.deferred.append(publish)
+        return billed, remaining
+
+    def _publish(
+        self,
+        ctx: RequestContext,
+        admission: Admission,
+        status: int,
+        route: Route | None,
+        answer: str | None,
+        outcome: str,
+        error: str | None,
+        finished: int,
+        latency_ms: int,
+        billed: int,
+        attempts: tuple[AttemptRecord, ...],
+    ) -> None:
+        """Queue the request's settlement and write its log line (see :meth:`_finish`)."""
+        assert admission.key is not None
         record = CompletionRecord(
             request_id=ctx.request_id,
             key_id=admission.key.id,
@@ -576,7 +651,7 @@ class ChatPipeline:
             explored=ctx.explored,
             latency_ms=latency_ms,
             response_sha256=None if answer is None else answer_hash(answer),
-            attempts=tuple(ctx.attempts),
+            attempts=attempts,
         )
         self.settlement.submit(
             Settlement(admission.reservation_id, record, admission.key.daily_budget_micros)
@@ -592,7 +667,7 @@ class ChatPipeline:
                 tier=record.tier,
                 tier_reason=ctx.tier_reason,
                 stream=ctx.stream,
-                attempts=len(ctx.attempts),
+                attempts=len(attempts),
                 cascade_depth=ctx.cascade_depth,
                 explored=ctx.explored,
                 cost_micros=record.cost_micros,
@@ -601,7 +676,6 @@ class ChatPipeline:
                 latency_ms=latency_ms,
                 error=error,
             )
-        return billed, remaining
 
     def _log(self, **fields: Any) -> None:
         self.request_log.emit(fields)
@@ -676,6 +750,13 @@ class ChatPipeline:
         # Started before the response: from here on, however the response ends, closing the
         # relay bills what was delivered and closes the upstream (see EventStreamResponse).
         first = await relay.__anext__()
+        if type(first) is LastChunk:
+            # The upstream's whole stream was in hand before anything was sent (a short answer,
+            # a fast upstream): the relay has billed it and built its end, so the body is known
+            # and goes out as a plain response (the same bytes and headers; a Content-Length
+            # instead of chunks), without a streaming response's disconnect watcher.
+            await relay.aclose()  # (suspended after its last statement: nothing left to run)
+            return Response(first, headers=headers, media_type=EventStreamResponse.media_type)
         return EventStreamResponse(relay, first=first, headers=headers)
 
     async def _relay(

@@ -48,6 +48,9 @@ class StandInBehaviour(BaseModel):
     models: list[str] = Field(default_factory=lambda: ["stand-in-small"])
     latency_ms: float = Field(default=0.0, ge=0)
     chunk_delay_ms: float = Field(default=0.0, ge=0)
+    stream_one_write: bool = Field(
+        default=False, description="send a stream's events in one write after its headers (tests)"
+    )
     quality: float = Field(default=1.0, ge=0, le=1)
     refusal_rate: float = Field(default=0.0, ge=0, le=1)
     failure_rate: float = Field(default=0.0, ge=0, le=1)
@@ -338,14 +341,23 @@ class LocalProviderApp:
             }
             return b"data: " + json.dumps(obj).encode() + b"\n\n"
 
+        held: list[bytes] | None = [] if b.stream_one_write else None
+
         async def emit(data: bytes) -> None:
+            if held is not None:
+                held.append(data)
+                return
             await send({"type": "http.response.body", "body": data, "more_body": True})
             if b.chunk_delay_ms:
                 await asyncio.sleep(b.chunk_delay_ms / 1000)
 
+        async def end(data: bytes) -> None:
+            body = data if held is None else b"".join(held) + data
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+
         if malformed:
             await emit(b"data: {not json\n\n")
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await end(b"")
             return
         words = text.split(" ")
         pieces = [" ".join(words[i : i + 4]) + (" " if i + 4 < len(words) else "")
@@ -359,7 +371,7 @@ class LocalProviderApp:
                 for j, piece in enumerate(pieces):
                     if cut and i == 0 and j >= max(1, len(pieces) // 2):
                         # cut mid-way: close the connection without finish chunk or [DONE]
-                        await send({"type": "http.response.body", "body": b"", "more_body": False})
+                        await end(b"")
                         return
                     await emit(chunk({"content": piece}, None, i))
             if i == n - 1:
@@ -386,7 +398,7 @@ class LocalProviderApp:
             if signature:
                 obj["pura_sink_signature"] = signature
             await emit(b"data: " + json.dumps(obj).encode() + b"\n\n")
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        await end(b"data: [DONE]\n\n")
 
 
 def _error(message: str, type_: str, code: str | None) -> dict:

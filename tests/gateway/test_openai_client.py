@@ -347,7 +347,7 @@ def test_chat_cors_headers_only_for_browser_requests(stack, api_key) -> None:
 
 
 def test_unexpected_error_on_the_chat_path_is_an_openai_500(stack, api_key, monkeypatch) -> None:
-    async def broken(_request):
+    async def broken(_request, _deferred=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(stack.services.pipeline, "handle", broken)
@@ -388,3 +388,80 @@ def test_client_leaving_mid_stream_stops_the_relay_and_bills_what_was_delivered(
     assert record.http_status == 499 and record.outcome == "partial"
     assert record.attempts[-1].outcome == "cut" and 0 < record.cost_micros
     assert time.monotonic() - started < 2  # well before the upstream would have finished
+
+
+def _raw_stream(stack, api_key: str) -> tuple[httpx.Headers, list[dict]]:
+    with httpx.stream("POST", stack.base_url + "/chat/completions",
+                      json={"model": "stand-in-large", "messages": USER, "stream": True,
+                            "stream_options": {"include_usage": True}},
+                      headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    return response.headers, [json.loads(line[6:]) for line in lines[:-1]]
+
+
+def test_a_stream_in_hand_before_the_response_starts_goes_out_whole_with_the_same_events(
+    stack, api_key: str, client: openai.OpenAI
+) -> None:
+    """An upstream stream that has fully arrived before anything was sent goes out as one
+    plain response (Content-Length, no chunks); one that is still arriving is relayed in
+    chunks. The client sees the same events, headers and bill either way, and each request is
+    settled once."""
+    from gateway.accounting.records import CompletionRecord
+
+    captured: list[CompletionRecord] = []
+
+    class Capture:
+        async def publish(self, record: CompletionRecord) -> None:
+            captured.append(record)
+
+    stack.services.pipeline.sinks.append(Capture())
+    try:
+        stack.providers["prem-a"].configure(stream_one_write=True)
+        whole_headers, whole = _raw_stream(stack, api_key)
+        stack.providers["prem-a"].configure(stream_one_write=False, chunk_delay_ms=20)
+        relayed_headers, relayed = _raw_stream(stack, api_key)
+        stack.providers["prem-a"].configure(stream_one_write=True)
+        # the official client reads the whole response like any stream
+        chunks = list(client.chat.completions.create(
+            model="stand-in-large", messages=USER, stream=True, stream_options={"include_usage": True}
+        ))
+        httpx.get(stack.gateway.url + "/api/report", headers={"Authorization": f"Bearer {api_key}"})
+    finally:
+        stack.services.pipeline.sinks.pop()
+    assert "content-length" in whole_headers and "transfer-encoding" not in whole_headers
+    assert relayed_headers.get("transfer-encoding") == "chunked"
+    for headers in (whole_headers, relayed_headers):
+        assert headers["content-type"].startswith("text/event-stream")
+        assert headers["cache-control"] == "no-cache" and headers["x-pura-provider"] == "prem-a"
+
+    def text(events: list[dict]) -> str:
+        return "".join(c["delta"].get("content") or "" for e in events for c in e["choices"])
+
+    assert text(whole) == text(relayed) and text(whole).startswith("(local stand-in stand-in-large)")
+    assert [bool(e["choices"]) for e in whole] == [bool(e["choices"]) for e in relayed]
+    assert whole[-1]["usage"] == relayed[-1]["usage"]
+    assert whole[-1]["pura"]["cost_micros"] == relayed[-1]["pura"]["cost_micros"] > 0
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text(whole)
+    assert chunks[-1].model_extra["pura"]["cost_micros"] == whole[-1]["pura"]["cost_micros"]
+    # settled once each, billed what the final chunk said
+    ids = [whole[-1]["pura"]["request_id"], relayed[-1]["pura"]["request_id"],
+           chunks[-1].model_extra["pura"]["request_id"]]
+    assert sorted(r.request_id for r in captured) == sorted(ids)
+    assert {r.billed_micros for r in captured} == {whole[-1]["pura"]["cost_micros"]}
+    assert all(r.outcome == "ok" and r.http_status == 200 for r in captured)
+
+
+def test_an_oversized_body_sent_in_chunks_is_413(stack, api_key: str) -> None:
+    """Without a Content-Length the limit applies while the body is read."""
+    def body():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(9):
+            yield b"x" * (1024 * 1024)
+        yield b'"}]}'
+
+    response = httpx.post(stack.base_url + "/chat/completions", content=body(),
+                          headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
