@@ -22,6 +22,7 @@ advisory transaction lock on PostgreSQL) so several replicas can start at once.
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import re
 import sqlite3
@@ -31,6 +32,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+log = logging.getLogger("pura.db")
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
@@ -151,11 +154,33 @@ class SqliteDatabase:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(_SqliteTx(conn))
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                # Also when COMMIT itself failed (a full disk, an I/O error): SQLite then leaves
+                # the transaction open, and every later BEGIN would fail with "cannot start a
+                # transaction within a transaction". (A COMMIT that fails with SQLITE_BUSY keeps
+                # it open too; retrying that COMMIT is not worth a second code path: the caller
+                # sees the error and the transaction's work is rolled back, nothing half-done.)
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.exception("ROLLBACK failed; the connection is reopened")
+                        self._reopen()
                 raise
-            conn.execute("COMMIT")
             return result
+
+    def _reopen(self) -> None:
+        """Replace the main connection (one whose transaction could not be ended). Closing it
+        discards the open transaction; callers hold ``self._lock``."""
+        old, self._conn = self._conn, None
+        try:
+            if old is not None:
+                old.close()
+        except sqlite3.Error:
+            pass
+        self._conn = self._connect()
+        self._conn.execute("PRAGMA wal_autocheckpoint=0" if self.path != ":memory:" else "PRAGMA foreign_keys=ON")
 
     async def run(self, fn: Callable[[Tx], T]) -> T:
         return self._run(fn)
@@ -302,10 +327,20 @@ class PostgresDatabase:
     def _run(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in a transaction; a deadlock or serialization failure (the server
         aborted the transaction, nothing of it persisted) runs it again, up to three times.
-        Scripts are plain functions of the database, so running one again is safe."""
+        Scripts are plain functions of the database, so running one again is safe.
+
+        A connection that broke (server restarted, network cut, backend terminated) is
+        replaced when it is next taken from the pool; if the server is still unreachable the
+        call fails with psycopg's ``OperationalError`` and the broken connection goes back to
+        be replaced on a later call. (Before, it went back as it was and every call that drew
+        it failed, one in ``pool_size``, until the process restarted.)"""
         errors = self._psycopg.errors
         conn = self._pool.get()
         try:
+            if conn.closed or conn.broken:
+                fresh = self._psycopg.connect(self.url, autocommit=False)
+                conn.close()
+                conn = fresh
             for attempt in range(3):
                 try:
                     with conn.transaction():

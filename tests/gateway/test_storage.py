@@ -7,6 +7,7 @@ throwaway cluster; skipped, with the reason, when neither is possible).
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -289,3 +290,59 @@ def test_batched_settlement_bills_like_settling_one_by_one(store: Store) -> None
     assert asyncio.run(store.budget_state(k2.id)) == (120, 0)
     rows = asyncio.run(store.report_rows(None, ts - 1))
     assert [int(x) for x in rows["totals"][:2]] == [5, 770]  # one record per request
+
+
+class _FailingCommit:
+    """The SQLite connection, except that the next COMMIT fails as a full disk would."""
+
+    def __init__(self, conn) -> None:
+        self._conn = conn
+        self.fail_next_commit = True
+
+    def execute(self, sql: str, params=()):
+        if sql == "COMMIT" and self.fail_next_commit:
+            self.fail_next_commit = False
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._conn.execute(sql, params)
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+def test_a_failed_sqlite_commit_is_rolled_back_and_the_connection_keeps_working(tmp_path: Path) -> None:
+    """SQLite leaves the transaction open when COMMIT fails: without a ROLLBACK every later
+    transaction of the process failed ("cannot start a transaction within a transaction")."""
+    db = open_database(f"sqlite:///{tmp_path / 'store.db'}")
+    migrate(db)
+    try:
+        db.run_sync(lambda tx: tx.execute("CREATE TABLE t (v INTEGER)"))
+        db._conn = _FailingCommit(db._conn)
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            db.run_sync(lambda tx: tx.execute("INSERT INTO t VALUES (1)"))
+        assert not db._conn.in_transaction  # rolled back: the insert did not persist
+        db.run_sync(lambda tx: tx.execute("INSERT INTO t VALUES (2)"))
+        assert db.run_sync(lambda tx: tx.all("SELECT v FROM t")) == [(2,)]
+    finally:
+        db.close_sync()
+
+
+def test_a_broken_postgresql_connection_is_replaced(empty_postgres_url: str) -> None:
+    """A connection whose backend went away (server restart, network cut) is replaced when it
+    is next drawn from the pool; before, it went back broken and every call that drew it
+    failed until the process restarted."""
+    import psycopg
+
+    from gateway.accounting.db import PostgresDatabase
+
+    db = PostgresDatabase(empty_postgres_url, pool_size=1)
+    try:
+        pid = db.run_sync(lambda tx: tx.one("SELECT pg_backend_pid()")[0])
+        with psycopg.connect(empty_postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            db.run_sync(lambda tx: tx.one("SELECT 1"))  # the call that finds it broken fails
+        for _ in range(3):  # ... and the next ones run on a new connection
+            assert db.run_sync(lambda tx: tx.one("SELECT 1")) == (1,)
+        assert db.run_sync(lambda tx: tx.one("SELECT pg_backend_pid()")[0]) != pid
+    finally:
+        db.close_sync()
