@@ -2,8 +2,10 @@
 
 One :class:`ChatPipeline` lives in the app's lifespan. :meth:`ChatPipeline.handle` does, in
 order: key check, body validation, routing plan, admission (auth and rate limit in memory, then
-the budget reservation, committed before any upstream call), the upstream calls (with fallback, or the cascade), settlement, the completion
-record, one structured log line, and the response with its ``X-Pura-*`` headers.
+the budget reservation, committed before any upstream call), the upstream calls (with fallback,
+or the cascade), the bill, and the response with its ``X-Pura-*`` headers; the completion record
+(queued for settlement) and one structured log line follow the response's last byte (see
+:meth:`ChatPipeline.handle`).
 
 Streams: the upstream's first event is awaited before anything is sent, so a failure before the
 first byte still falls back to the next route; once bytes have gone to the client, a failure ends
