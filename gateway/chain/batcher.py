@@ -12,6 +12,14 @@ receipts each. Outcomes come from the transaction's ReceiptRecorded / ReceiptRej
 
 If the chain is unreachable the rows go back to queued and the batcher backs off; nothing is
 dropped.
+
+The rows a flush submits are claimed from the outbox under a lease (``reclaim_after_ms``, 2
+min), after which any replica's claim takes them over: that is how a dead batcher's rows come
+back. A live one renews the lease of everything it has not submitted yet before each
+transaction and submits only the rows it still holds, so a claim of several transactions'
+worth of rows outlasts the lease on a slow chain without another replica resubmitting them.
+Between two renewals lies one transaction, so the lease must outlast one transaction's worst
+case; :class:`Batcher` refuses a client whose timeouts allow more.
 """
 
 from __future__ import annotations
@@ -30,10 +38,28 @@ log = logging.getLogger("pura.chain.batcher")
 
 REPLAYED, NOT_FUNDED, EXPIRED = 4, 8, 2
 MAX_BATCH = 64
+LEASE_MARGIN_S = 30.0  # lease beyond one transaction's worst case: database writes, replica clock skew
+
+
+def renewal_gap_s(client: ChainClient) -> float:
+    """The longest a flush can go between two renewals of its lease, as ChainClient bounds it:
+    one transaction (waiting for the send lock behind the keeper's send, 4 read timeouts, its
+    own send, 4 more, then its receipt, ``tx_timeout_s``) and the next task type's credit-room
+    read (one read timeout). Database writes are left to the margin."""
+    return client.tx_timeout_s + 9 * client.timeout_s
 
 
 class Batcher:
     def __init__(self, client: ChainClient, outbox: Outbox, batch_size: int, interval_s: float) -> None:
+        gap_s, lease_s = renewal_gap_s(client), outbox.reclaim_after_ms / 1000
+        if lease_s < gap_s + LEASE_MARGIN_S:
+            raise ValueError(
+                f"[chain] tx_timeout_s = {client.tx_timeout_s:g} and read_timeout_s = {client.timeout_s:g} let one "
+                f"receipt transaction hold its rows for up to {gap_s:g} s (tx_timeout_s + 9 x read_timeout_s), "
+                f"which must be at least {LEASE_MARGIN_S:g} s shorter than the receipt outbox's claim lease of "
+                f"{lease_s:g} s: another replica would resubmit receipts still in flight. Lower tx_timeout_s to "
+                f"at most {lease_s - LEASE_MARGIN_S - 9 * client.timeout_s:g} s (or read_timeout_s)."
+            )
         self.client = client
         self.outbox = outbox
         self.batch_size = batch_size
@@ -89,35 +115,50 @@ class Batcher:
     async def flush_once(self) -> int:
         """Claims up to one batch per task type and submits what the source's funding covers
         (the tracker refuses credit beyond it, and a refused receipt still costs gas);
-        returns receipts submitted. The rest waits for the keeper's top-up."""
+        returns receipts submitted. The rest waits for the keeper's top-up.
+
+        Before each transaction the lease of every claimed row not yet submitted is renewed,
+        and the transaction carries only the rows still held: a row another replica took over
+        meanwhile (this process stalled past the lease, or the clocks disagree) is that
+        replica's to submit. If anything fails, every row not yet settled goes back to the queue
+        at once, not only the failing transaction's.
+        """
         groups = await self.outbox.claim(MAX_BATCH * 4)
+        held = [r.request_id for rows in groups.values() for r in rows]  # claimed, not yet submitted
         total = 0
-        for task_type, rows in groups.items():
-            try:
+        try:
+            for task_type, rows in groups.items():
                 room = await self.client.read(self.client.c["pool"].functions.funder_room(
                     bytes.fromhex(task_type.removeprefix("0x")), self.client.source))
-            except BaseException:
-                await self.outbox.requeue([r.request_id for r in rows])
-                raise
-            fundable: list[OutboxRow] = []
-            for r in rows:  # oldest first, as long as the room lasts
-                if r.amount > room:
-                    break
-                room -= r.amount
-                fundable.append(r)
-            waiting = rows[len(fundable):]
-            if waiting:
-                self.waiting_for_funds = sum(r.amount for r in waiting)
-                await self.outbox.requeue([r.request_id for r in waiting])
-            for start in range(0, len(fundable), MAX_BATCH):
-                chunk = fundable[start:start + MAX_BATCH]
-                try:
+                fundable: list[OutboxRow] = []
+                for r in rows:  # oldest first, as long as the room lasts
+                    if r.amount > room:
+                        break
+                    room -= r.amount
+                    fundable.append(r)
+                waiting = rows[len(fundable):]
+                if waiting:
+                    self.waiting_for_funds = sum(r.amount for r in waiting)
+                    await self.outbox.requeue([r.request_id for r in waiting])
+                    gone = {r.request_id for r in waiting}
+                    held = [rid for rid in held if rid not in gone]
+                for start in range(0, len(fundable), MAX_BATCH):
+                    held = await self.outbox.renew(held)
+                    still = set(held)
+                    claimed = fundable[start:start + MAX_BATCH]
+                    chunk = [r for r in claimed if r.request_id in still]
+                    if len(chunk) < len(claimed):
+                        log.warning("receipts taken over by another batcher; not submitting them", extra={
+                            "fields": {"task_type": task_type[:10], "receipts": len(claimed) - len(chunk)}})
+                    if not chunk:
+                        continue
                     await self._submit(task_type, chunk)
-                except BaseException:
-                    # anything that did not settle goes back to the queue
-                    await self.outbox.requeue([r.request_id for r in chunk])
-                    raise
-                total += len(chunk)
+                    done = {r.request_id for r in chunk}
+                    held = [rid for rid in held if rid not in done]
+                    total += len(chunk)
+        except BaseException:
+            await self.outbox.requeue(held)
+            raise
         return total
 
     async def _submit(self, task_type: str, rows: list[OutboxRow]) -> None:

@@ -6,21 +6,24 @@ it. Resubmitting a receipt that already landed is harmless: CompletionTracker re
 nonce as replayed, and the batcher reads that as confirmation (only this source can sign its
 nonces, so a replayed nonce of ours was recorded by an earlier transaction of ours).
 
-Status: ``queued`` -> ``sent`` (claimed by a batcher, with the tx hash once known) ->
-``confirmed`` | ``rejected`` (with the tracker's reason). A ``not funded`` rejection is not
-final: the row goes back to ``queued`` until the funding catches up or the deadline passes.
+Status: ``queued`` -> ``sent`` (claimed by a batcher) -> ``confirmed`` | ``rejected`` (with
+the tracker's reason, and the hash of the transaction that settled it). A ``not funded``
+rejection is not final: the row goes back to ``queued`` until the funding catches up or the
+deadline passes.
 
 Several replicas share the table on PostgreSQL. A claim hands each row to exactly one batcher
 and stamps it with that outbox's random id (``claimed_by``); the claim is a lease of
 ``reclaim_after_ms``: a ``sent`` row older than that is taken over by the next claim, by any
-replica, which is how the rows of a batcher that died come back. See :meth:`Outbox.recover`
-for what a starting process does with rows left ``sent``.
+replica, which is how the rows of a batcher that died come back. A live batcher keeps its
+rows by renewing the lease (:meth:`Outbox.renew`) before each transaction. See
+:meth:`Outbox.recover` for what a starting process does with rows left ``sent``.
 """
 
 from __future__ import annotations
 
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.accounting.db import PostgresDatabase, SqliteDatabase, Tx
@@ -81,9 +84,11 @@ def _row(r: tuple) -> OutboxRow:
 
 
 class Outbox:
-    def __init__(self, db: SqliteDatabase | PostgresDatabase, reclaim_after_ms: int = 120_000) -> None:
+    def __init__(self, db: SqliteDatabase | PostgresDatabase, reclaim_after_ms: int = 120_000,
+                 clock: Callable[[], int] = now_ms) -> None:
         self.db = db
         self.reclaim_after_ms = reclaim_after_ms
+        self.clock = clock  # wall-clock ms: leases are compared across replicas
         self.owner = secrets.token_hex(8)  # claimed_by of this process's claims
         self._nonces: dict[str, list[int]] = {}  # source -> [next, end) of the block in hand
         self._lock = threading.Lock()
@@ -116,7 +121,7 @@ class Outbox:
 
     async def put(self, row: OutboxRow) -> None:
         """Commit one receipt (durable when this returns)."""
-        now = now_ms()
+        now = self.clock()
 
         def insert(tx: Tx) -> None:
             tx.execute(
@@ -145,7 +150,7 @@ class Outbox:
         """
         if self.db.dialect != "sqlite":
             return 0
-        now = now_ms()
+        now = self.clock()
         return await self.db.run(
             lambda tx: tx.execute(
                 "UPDATE chain_receipts SET status = 'queued', claimed_by = NULL, updated_ms = ? WHERE status = 'sent'",
@@ -165,7 +170,7 @@ class Outbox:
         SKIP LOCKED``), so concurrent claims take disjoint rows without waiting for each other;
         a row another claim committed meanwhile fails the re-checked condition and is dropped.
         """
-        now = now_ms()
+        now = self.clock()
         stale = now - self.reclaim_after_ms
 
         def script(tx: Tx) -> list[tuple]:
@@ -189,20 +194,37 @@ class Outbox:
             out.setdefault(row.task_type, []).append(row)
         return out
 
-    async def mark_sent(self, request_ids: list[str], tx_hash: str) -> None:
-        now = now_ms()
+    async def renew(self, request_ids: list[str]) -> list[str]:
+        """Restart the lease of those of `request_ids` this outbox still holds; returns them,
+        in the order given.
 
-        def script(tx: Tx) -> None:
-            for rid in request_ids:
-                tx.execute(
-                    "UPDATE chain_receipts SET tx_hash = ?, updated_ms = ? WHERE request_id = ?", (tx_hash, now, rid)
+        One claim can feed several transactions, submitted one after another, each waiting for
+        its receipt: on a slow chain the rows waiting their turn would outlast the lease and
+        another replica would submit them too. The batcher renews before each transaction and
+        submits only what this returns. A row that is no longer ``sent`` under this outbox's id
+        (settled, requeued, or taken over by another claimer after a lapse) is neither touched
+        nor returned: it is someone else's to submit now. On PostgreSQL the update waits for a
+        claim that has locked one of the rows and then re-checks the owner, so a row is never
+        both renewed here and taken over there. Takes at most one claim's rows (one statement).
+        """
+        if not request_ids:
+            return []
+        now = self.clock()
+        marks = ", ".join("?" * len(request_ids))
+        held = {
+            r[0] for r in await self.db.run(
+                lambda tx: tx.all(
+                    "UPDATE chain_receipts SET updated_ms = ? WHERE status = 'sent' AND claimed_by = ? "
+                    f"AND request_id IN ({marks}) RETURNING request_id",
+                    (now, self.owner, *request_ids),
                 )
-
-        await self.db.run(script)
+            )
+        }
+        return [rid for rid in request_ids if rid in held]
 
     async def settle(self, outcomes: dict[str, tuple[str, int | None]], tx_hash: str | None) -> None:
         """Record outcomes: request_id -> (status, reason)."""
-        now = now_ms()
+        now = self.clock()
 
         def script(tx: Tx) -> None:
             for rid, (status, reason) in outcomes.items():
@@ -218,7 +240,7 @@ class Outbox:
         """Put rows this outbox claimed back in the queue. A row settled meanwhile, or taken
         over by another claimer after this claim's lease ran out, is left as it is: queueing it
         again would only submit it once more."""
-        now = now_ms()
+        now = self.clock()
         await self.db.run(
             lambda tx: tx.many(
                 "UPDATE chain_receipts SET status = 'queued', claimed_by = NULL, updated_ms = ? "

@@ -4,7 +4,9 @@ Replicas on PostgreSQL claim receipts from one table: each row must go to exactl
 at a time (a second submission of a receipt wastes a transaction's gas), a claim whose
 batcher died must come back after its lease, and a starting replica must not requeue what a
 live one is submitting. On SQLite, the one-process deployment, a restart still resubmits its
-in-flight rows at once. PostgreSQL: see the ``postgres_url`` fixture in conftest.py.
+in-flight rows at once. A live batcher renews its claim before each transaction, so a slow
+chain does not hand its rows to another replica, and it drops the rows it lost after a lapse.
+PostgreSQL: see the ``postgres_url`` fixture in conftest.py.
 """
 
 from __future__ import annotations
@@ -12,23 +14,26 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from types import SimpleNamespace
+from typing import Any, TypeVar
 
 import pytest
 
 from gateway.accounting.db import PostgresDatabase, SqliteDatabase, Tx, migrate, open_database
+from gateway.chain.batcher import MAX_BATCH, Batcher
 from gateway.chain.outbox import Outbox, OutboxRow
 
 T = TypeVar("T")
 LEASE_MS = 60_000
+TASK_TYPE, OTHER_TASK_TYPE = "0x" + "22" * 32, "0x" + "88" * 32
 
 
-def receipt(i: int) -> OutboxRow:
+def receipt(i: int, task_type: str = TASK_TYPE) -> OutboxRow:
     return OutboxRow(
-        request_id=f"req_{i:04d}", provider="p", task_type="0x" + "22" * 32, sink="0x" + "33" * 20,
+        request_id=f"req_{i:04d}", provider="p", task_type=task_type, sink="0x" + "33" * 20,
         source="0x" + "44" * 20, task_id="0x" + i.to_bytes(32, "big").hex(), amount=1_000 + i,
         response_hash="0x" + "55" * 32, nonce=i, deadline=2_000_000_000, sink_sig="0x" + "66" * 65,
         source_sig="0x" + "77" * 65, chain_ts=0,
@@ -82,6 +87,25 @@ def queue_receipts(db: SqliteDatabase | PostgresDatabase, n: int) -> None:
             await outbox.put(receipt(i))
 
     asyncio.run(put_all())
+
+
+class Clock:
+    """Wall-clock milliseconds that move only when a test says so, shared by the outboxes of
+    several "replicas" (as if their clocks agreed)."""
+
+    def __init__(self) -> None:
+        self.ms = 1_700_000_000_000
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float) -> None:
+        self.ms += int(seconds * 1000)
+
+
+def updated_ms(db: SqliteDatabase | PostgresDatabase) -> dict[str, int]:
+    rows = db.run_sync(lambda tx: tx.all("SELECT request_id, updated_ms FROM chain_receipts"))
+    return {rid: int(ms) for rid, ms in rows}
 
 
 # ---------------------------------------------------------------- one claimer per row
@@ -235,3 +259,186 @@ def test_sqlite_restart_resubmits_the_rows_its_previous_process_had_in_flight(tm
         assert [tries for _s, _o, tries in stored(after).values()] == [2, 2, 2, 1]
     finally:
         after.close_sync()
+
+
+def test_a_renewed_claim_outlives_its_first_lease(open_db) -> None:
+    """Renewed before its lease ran out, a claim is not taken over at the time the first lease
+    would have ended; it lapses a full lease after the renewal."""
+    clock, db_a, db_b = Clock(), open_db(), open_db()
+    a, b = Outbox(db_a, LEASE_MS, clock), Outbox(db_b, LEASE_MS, clock)
+    asyncio.run(a.put(receipt(0)))
+    asyncio.run(a.put(receipt(1)))
+    claimed = ids(asyncio.run(a.claim(10)))
+    clock.advance(50)
+    assert asyncio.run(a.renew(claimed)) == claimed
+    clock.advance(30)  # 80 s after the claim, 30 s after the renewal
+    assert asyncio.run(b.claim(10)) == {}
+    assert list(stored(db_b).values()) == [("sent", a.owner, 1)] * 2
+    clock.advance(31)  # now the renewed lease has run out too
+    assert ids(asyncio.run(b.claim(10))) == claimed
+
+
+def test_renew_returns_only_the_rows_the_claimer_still_holds(open_db) -> None:
+    """After a lapse another claimer took two of A's three rows: A's renew leaves them alone and
+    returns only the third (lapsed too, but nobody took it, so it is still A's to submit)."""
+    clock, db_a, db_b = Clock(), open_db(), open_db()
+    a, b = Outbox(db_a, LEASE_MS, clock), Outbox(db_b, LEASE_MS, clock)
+    for i in range(3):
+        asyncio.run(a.put(receipt(i)))
+    claimed = ids(asyncio.run(a.claim(10)))
+    clock.advance(LEASE_MS / 1000 + 1)
+    taken = ids(asyncio.run(b.claim(2)))
+    assert taken == claimed[:2]
+    before = updated_ms(db_a)
+    clock.advance(1)
+    assert asyncio.run(a.renew(claimed)) == claimed[2:]
+    after, rows = updated_ms(db_a), stored(db_a)
+    assert [rows[rid] for rid in taken] == [("sent", b.owner, 2)] * 2
+    assert [after[rid] for rid in taken] == [before[rid] for rid in taken]  # b's lease, untouched
+    assert after[claimed[2]] == clock()
+    assert asyncio.run(b.claim(10)) == {}  # the renewal made A's last row fresh again
+
+
+def test_renew_leaves_settled_and_requeued_rows_alone(open_db) -> None:
+    """Confirmed, rejected and requeued rows are no longer the claimer's to submit: renew
+    returns none of them and writes nothing."""
+    clock, db = Clock(), open_db()
+    a = Outbox(db, LEASE_MS, clock)
+    for i in range(3):
+        asyncio.run(a.put(receipt(i)))
+    claimed = ids(asyncio.run(a.claim(10)))
+    asyncio.run(a.settle({claimed[0]: ("confirmed", None), claimed[1]: ("rejected", 2)}, "0x" + "ab" * 32))
+    asyncio.run(a.requeue([claimed[2]]))
+    before, rows_before = updated_ms(db), stored(db)
+    clock.advance(10)
+    assert asyncio.run(a.renew(claimed)) == []
+    assert updated_ms(db) == before and stored(db) == rows_before
+    assert [s for s, _o, _t in rows_before.values()] == ["confirmed", "rejected", "queued"]
+
+
+# ---------------------------------------------------------------- the batcher keeps its claim
+
+
+class FakeChain:
+    """The part of ChainClient the batcher uses, with ample credit room and every receipt
+    recorded. Each client call moves the shared clock (a read by `read_s`, a transaction by
+    `tx_s`) and then awaits `meanwhile(call)`, with call "read" or "send": what another replica
+    does while this batcher waits on the chain. `sent` holds each transaction's receipts."""
+
+    timeout_s, tx_timeout_s = 2.0, 60.0  # ChainConfig's defaults
+    source = "0x" + "44" * 20
+
+    def __init__(self, clock: Clock, tx_s: float, read_s: float = 0.0,
+                 meanwhile: Callable[[str], Awaitable[None]] | None = None) -> None:
+        self.clock, self.tx_s, self.read_s, self.meanwhile = clock, tx_s, read_s, meanwhile
+        self.sent: list[tuple[str, list[str]]] = []  # (task type, request ids)
+
+        def events(recorded: bool) -> Any:
+            return SimpleNamespace(process_receipt=lambda receipt, errors: [
+                {"args": {"nonce": n}} for n in receipt["nonces"]] if recorded else [])
+
+        self.c = {
+            "pool": SimpleNamespace(functions=SimpleNamespace(funder_room=lambda task_type, source: None)),
+            "tracker": SimpleNamespace(
+                functions=SimpleNamespace(submit_receipts=lambda task_type, args: ("0x" + task_type.hex(), args)),
+                events=SimpleNamespace(ReceiptRecorded=lambda: events(True), ReceiptRejected=lambda: events(False)),
+            ),
+        }
+
+    async def read(self, fn: Any) -> int:
+        self.clock.advance(self.read_s)
+        if self.meanwhile:
+            await self.meanwhile("read")
+        return 10**30
+
+    async def send(self, fn: Any) -> dict:
+        task_type, args = fn
+        nonces = [a[5] for a in args]
+        self.sent.append((task_type, [receipt(n).request_id for n in nonces]))
+        self.clock.advance(self.tx_s)
+        if self.meanwhile:
+            await self.meanwhile("send")
+        return {"gasUsed": 50_000, "transactionHash": bytes(32), "status": 1, "nonces": nonces}
+
+    def chain_now(self) -> int:
+        return 0
+
+
+def queue_mixed(outbox: Outbox, task_types: list[str]) -> None:
+    async def put_all() -> None:
+        for i, task_type in enumerate(task_types):
+            await outbox.put(receipt(i, task_type))
+
+    asyncio.run(put_all())
+
+
+def test_the_batcher_renews_its_claim_before_each_transaction(open_db) -> None:
+    """One flush claims 256 receipts of two task types and submits them in four transactions of
+    55 s each (inside tx_timeout_s): 220 s in all, far past the 120 s lease. While each
+    transaction waits for its receipt another replica tries to claim. It gets nothing: the
+    rows in flight and those waiting their turn, even the other task type's, were renewed before
+    the transaction. (Renewing nothing, the replica takes over the rows of the last two
+    transactions during the third, which is carrying half of them.)"""
+    clock, db_a, db_b = Clock(), open_db(), open_db()
+    a, b = Outbox(db_a, clock=clock), Outbox(db_b, clock=clock)
+    queue_mixed(a, [TASK_TYPE, OTHER_TASK_TYPE] * (2 * MAX_BATCH))
+    taken_over: list[str] = []
+
+    async def other_replica(call: str) -> None:
+        taken_over.extend(ids(await b.claim(1_000)))
+
+    chain = FakeChain(clock, tx_s=55, meanwhile=other_replica)
+    assert asyncio.run(Batcher(chain, a, 50, 2.0).flush_once()) == 4 * MAX_BATCH
+    assert taken_over == []
+    assert [(tt, len(sent)) for tt, sent in chain.sent] == (
+        [(TASK_TYPE, MAX_BATCH)] * 2 + [(OTHER_TASK_TYPE, MAX_BATCH)] * 2
+    )
+    assert {status for status, _o, _t in stored(db_a).values()} == {"confirmed"}
+
+
+def test_the_batcher_submits_only_the_rows_it_still_holds(open_db) -> None:
+    """A flush claims 64 receipts of one task type and 128 of another, then stalls for 130 s
+    after the first transaction (past the lease; say the process was paused) and another
+    replica takes over 10 of the rows still waiting. The batcher's renewal finds them gone: the
+    next transaction carries the other 54 of its chunk, the last one its full 64, and the 10
+    stay the other replica's, to submit once."""
+    clock, db_a, db_b = Clock(), open_db(), open_db()
+    a, b = Outbox(db_a, clock=clock), Outbox(db_b, clock=clock)
+    queue_mixed(a, [TASK_TYPE] * MAX_BATCH + [OTHER_TASK_TYPE] * (2 * MAX_BATCH))
+    taken_over: list[str] = []
+    reads = 0
+
+    async def stall_then_lose_rows(call: str) -> None:
+        nonlocal reads
+        if call == "read":
+            reads += 1
+            if reads == 2:  # the credit-room read of the second task type
+                clock.advance(130)
+                taken_over.extend(ids(await b.claim(10)))
+
+    chain = FakeChain(clock, tx_s=5, meanwhile=stall_then_lose_rows)
+    other = [receipt(i).request_id for i in range(MAX_BATCH, 3 * MAX_BATCH)]
+    assert asyncio.run(Batcher(chain, a, 50, 2.0).flush_once()) == 3 * MAX_BATCH - 10
+    assert taken_over == other[:10]
+    assert chain.sent == [
+        (TASK_TYPE, [receipt(i).request_id for i in range(MAX_BATCH)]),
+        (OTHER_TASK_TYPE, other[10:MAX_BATCH]),
+        (OTHER_TASK_TYPE, other[MAX_BATCH:]),
+    ]
+    rows = stored(db_a)
+    assert [rows[rid] for rid in taken_over] == [("sent", b.owner, 2)] * 10
+    assert {rows[rid][0] for rid in rows if rid not in taken_over} == {"confirmed"}
+
+
+def test_the_batcher_refuses_timeouts_that_outlast_the_lease(tmp_path: Path) -> None:
+    """One transaction may take tx_timeout_s + 9 read timeouts between two renewals; that must
+    stay 30 s inside the lease, or the rows in flight could be taken over while alive."""
+    db = open_database(f"sqlite:///{tmp_path / 'outbox.db'}")
+    try:
+        chain = FakeChain(Clock(), tx_s=0)
+        Batcher(chain, Outbox(db), 50, 2.0)  # the defaults: 78 s of a 120 s lease
+        chain.tx_timeout_s = 90.0
+        with pytest.raises(ValueError, match=r"tx_timeout_s to at most 72 s"):
+            Batcher(chain, Outbox(db), 50, 2.0)
+    finally:
+        db.close_sync()
