@@ -126,7 +126,13 @@ def build_services(
     router = Router(catalogue, weights, health, policy, random.Random(settings.routing_seed))
     upstream = UpstreamClient()
     settlement = SettlementQueue(
-        store, sinks if sinks is not None else [LoggingRecordSink()], delay_ms=settings.settle_delay_ms
+        store,
+        sinks if sinks is not None else [LoggingRecordSink()],
+        delay_ms=settings.settle_delay_ms,
+        retry_ms=settings.settlement_retry_ms,
+        retry_max_ms=settings.settlement_retry_max_ms,
+        max_failures=settings.settlement_max_failures,
+        dead_letter_path=settings.settlement_dead_letter,
     )
     pipeline = ChatPipeline(
         config, catalogue, router, health, store, upstream, settlement,

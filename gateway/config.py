@@ -54,12 +54,38 @@ class GatewaySettings(BaseSettings):
     settle_delay_ms: float = Field(
         default=5.0, ge=0, description="group-commit window of settlements (see accounting.settlement)"
     )
+    settlement_retry_ms: float = Field(
+        default=50.0, gt=0, allow_inf_nan=False,
+        description="first backoff after a settlement failed to commit, doubled after each failure",
+    )
+    settlement_retry_max_ms: float = Field(
+        default=10_000.0, gt=0, allow_inf_nan=False, description="the longest backoff between retries"
+    )
+    settlement_max_failures: int = Field(
+        default=20, ge=1, description="failed tries before a settlement is dead-lettered"
+    )
+    settlement_dead_letter: Path | None = Field(
+        default=None,
+        description="the dead-letter file (default: settlement-dead-letter.jsonl next to the SQLite"
+        " file, in the working directory with PostgreSQL); see accounting.settlement",
+    )
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     key_cache_ttl_s: float = Field(
         default=1.0, ge=0,
         description="how long a key's rate limit is cached, and how often other processes'"
         " rate-limit counts are read back (see accounting.ratelimit); 0 reads both every request",
     )
+
+    @model_validator(mode="after")
+    def _backoff_grows(self) -> GatewaySettings:
+        """The settlement backoff doubles from the first to the longest, so a longest below the
+        first is a mistake. The error names the variables: an operator meets it at start-up."""
+        if self.settlement_retry_max_ms < self.settlement_retry_ms:
+            raise ValueError(
+                f"PURA_SETTLEMENT_RETRY_MAX_MS ({self.settlement_retry_max_ms:g}) must be >="
+                f" PURA_SETTLEMENT_RETRY_MS ({self.settlement_retry_ms:g})"
+            )
+        return self
 
 
 class ModelConfig(BaseModel):

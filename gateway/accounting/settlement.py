@@ -28,12 +28,13 @@ carves back), so the budget bound keeps holding and the retry bills it as the fi
 have. A batch refused for another reason than the database being unavailable is settled one by
 one, so that one bad record does not hold back the others. A settlement that fails
 ``max_failures`` times, or can provably never commit (another record holds its request id), is
-appended to a dead-letter file of JSON lines with the full record, for an operator to replay,
-and logged at ERROR: none is retried forever silently, none is dropped. While the database is
-unavailable, new settlements wait for the next retry instead of each trying on its own (on
-SQLite each try blocks the event loop for the busy timeout). :meth:`SettlementQueue.close` tries
-everything once more and dead-letters what still fails, so a shutdown during an outage loses
-nothing; a crash during one loses what waited for a retry, as it loses the last batch.
+appended to a dead-letter file of JSON lines with the full record, for an operator to replay
+(``pura settlements replay``, see :func:`replay_dead_letters`), and logged at ERROR: none is
+retried forever silently, none is dropped. While the database is unavailable, new settlements
+wait for the next retry instead of each trying on its own (on SQLite each try blocks the event
+loop for the busy timeout). :meth:`SettlementQueue.close` tries everything once more and
+dead-letters what still fails, so a shutdown during an outage loses nothing; a crash during one
+loses what waited for a retry, as it loses the last batch.
 
 A commit whose answer was lost (a connection dropped during COMMIT) is found out when its retry
 collides with its own record (the request id is the primary key, so nothing is billed twice):
@@ -47,8 +48,12 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gateway.accounting.db import SqliteDatabase
 from gateway.accounting.records import CompletionRecord, RecordSink
@@ -117,6 +122,107 @@ def _dead_letter_line(pending: _Pending) -> str:
         },
         separators=(",", ":"),
     )
+
+
+class _DeadLetter(BaseModel):
+    """A dead-letter line read back, strictly: the record and its attempts are rebuilt as the
+    dataclasses :func:`_dead_letter_line` wrote (a field missing, unknown or of another type
+    refuses the line, rather than settle something else than what was dead-lettered). The
+    failure count, error and time are for the operator; a line edited by hand may drop them."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    reservation_id: str | None
+    cap_micros: int
+    record: CompletionRecord
+    failures: int = 0
+    error: str = ""
+    dead_lettered_ms: int | None = None
+
+
+def read_dead_letter(line: str | bytes) -> Settlement:
+    """The settlement a dead-letter line holds; ValueError (naming the first bad field) if the
+    line is not one."""
+    try:
+        entry = _DeadLetter.model_validate_json(line)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise ValueError(f"{where + ': ' if where else ''}{first['msg']}{more}") from None
+    return Settlement(entry.reservation_id, entry.record, entry.cap_micros)
+
+
+ReplayStatus = Literal["replayed", "settled", "failed", "malformed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What replaying one dead-letter line did: "replayed" (committed now; in a dry run, would
+    be), "settled" (its record was already in the database: nothing changed), "failed" (kept
+    for another replay) or "malformed" (not a dead-letter line: kept for the operator)."""
+
+    line_no: int
+    status: ReplayStatus
+    request_id: str | None = None
+    cost_micros: int | None = None
+    billed_micros: int | None = None
+    detail: str = ""
+
+
+async def replay_dead_letters(
+    store: Store, lines: Iterable[tuple[int, str | bytes]], dry_run: bool = False
+) -> list[Replay]:
+    """Settle each dead-letter line ``(line number, text)`` through :meth:`Store.settle`, in
+    order, each in its own transaction (one that fails does not hold back the others).
+
+    Each record is looked up first (:meth:`Store.find_settled`), because :meth:`Store.settle`
+    alone cannot tell the cases apart: it bills nothing and writes nothing both for a record
+    already settled and for one whose request id another record holds. The first is reported as
+    settled, the second as failed (it can never commit as it is). A record settled now is
+    billed as the rules say for a settlement whose reservation is not held by this process: a
+    reservation row still there is released and the bill clamped to it; otherwise (a lease's
+    carve, which lives in the memory of the process that admitted the request) the bill is
+    what still fits under the cap, never more, so ``spent + reserved <= cap`` keeps holding
+    while that lease is still held. Once the database is found unavailable the remaining
+    lines are failed without a try (on SQLite each would wait out the busy timeout).
+    ``dry_run``: only look up, settle nothing."""
+    results: list[Replay] = []
+    down = ""  # the error that found the database unavailable
+    for line_no, text in lines:
+        try:
+            s = read_dead_letter(text)
+        except ValueError as exc:
+            results.append(Replay(line_no, "malformed", detail=str(exc)))
+            continue
+        record = s.record
+        found = Replay(line_no, "failed", record.request_id, record.cost_micros)
+        if down:
+            results.append(dataclasses.replace(found, detail=f"not tried: {down}"))
+            continue
+        try:
+            where = await store.find_settled(None, record)
+            billed = None
+            if where == "absent" and not dry_run:
+                billed, _remaining = await store.settle(*s.item)
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            if _unavailable(exc):
+                down = error
+            results.append(dataclasses.replace(found, detail=error))
+            continue
+        if where == "settled":
+            found = dataclasses.replace(found, status="settled")
+        elif where == "conflict":
+            found = dataclasses.replace(found, detail="another record holds its request id")
+        else:
+            clamped = billed is not None and billed < record.cost_micros
+            found = dataclasses.replace(
+                found, status="replayed", billed_micros=billed,
+                detail="clamped to what its budget allowed" if clamped else "",
+            )
+        results.append(found)
+    return results
 
 
 class SettlementQueue:
