@@ -174,7 +174,18 @@ def _replay_file(store: Store, path: Path, dry_run: bool, reservation_ttl_s: int
         results: list[Replay] = []
         lines: dict[int, bytes] = {}
         read = 0  # lines read so far
-        while data := f.read():  # to the end, again: an append that raced the claim
+        partial = b""  # a line whose end has not been read yet (a gateway append in progress)
+        while True:
+            data = f.read()  # to the end, again: an append that raced the claim
+            if not data:
+                # what is left has no newline: a write cut short (reported malformed and kept)
+                data, partial = partial, b""
+                if not data:
+                    break
+            else:
+                data = partial + data
+                end = data.rfind(b"\n") + 1
+                data, partial = data[:end], data[end:]
             numbered = _numbered(data, first=read + 1)
             read += len(data.splitlines())
             lines.update(numbered)

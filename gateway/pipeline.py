@@ -115,6 +115,8 @@ class RequestContext:
     # where _finish leaves the settlement and the log line when the caller sends the response
     # itself and publishes them after its last byte (see ChatPipeline.handle); None: at once
     deferred: list[Callable[[], None]] | None = None
+    # (billed, budget remaining) once _finish has run: a request is finished once
+    finished: tuple[int, int] | None = None
 
     @property
     def messages(self) -> list[dict]:
@@ -599,6 +601,10 @@ class ChatPipeline:
         admission = ctx.admission
         if admission is None or admission.key is None:
             return 0, 0
+        if ctx.finished is not None:
+            # Already finished (e.g. the client left while the response was being built, and
+            # _run's error path finishes again): one record, one log line, the first verdict.
+            return ctx.finished
         finished = now_ms()
         latency_ms = round((time.perf_counter() - ctx.started) * 1000)
         billed = min(ctx.cost_micros, ctx.reserved_micros)
@@ -613,7 +619,8 @@ class ChatPipeline:
             publish()
         else:
             ctx.deferred.append(publish)
-        return billed, remaining
+        ctx.finished = (billed, remaining)
+        return ctx.finished
 
     def _publish(
         self,

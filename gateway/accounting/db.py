@@ -151,6 +151,8 @@ class SqliteDatabase:
             conn = self._conn
             if conn is None:
                 raise RuntimeError("database closed")
+            if conn.in_transaction:  # left open by a ROLLBACK that failed (below)
+                conn = self._abandon()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(_SqliteTx(conn))
@@ -158,29 +160,39 @@ class SqliteDatabase:
             except BaseException:
                 # Also when COMMIT itself failed (a full disk, an I/O error): SQLite then leaves
                 # the transaction open, and every later BEGIN would fail with "cannot start a
-                # transaction within a transaction". (A COMMIT that fails with SQLITE_BUSY keeps
-                # it open too; retrying that COMMIT is not worth a second code path: the caller
-                # sees the error and the transaction's work is rolled back, nothing half-done.)
+                # transaction within a transaction". The caller sees the original error; the
+                # transaction's work is rolled back, nothing half-done.
                 if conn.in_transaction:
-                    try:
-                        conn.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        log.exception("ROLLBACK failed; the connection is reopened")
-                        self._reopen()
+                    self._abandon()
                 raise
             return result
 
-    def _reopen(self) -> None:
-        """Replace the main connection (one whose transaction could not be ended). Closing it
-        discards the open transaction; callers hold ``self._lock``."""
-        old, self._conn = self._conn, None
+    def _abandon(self) -> sqlite3.Connection:
+        """End the main connection's open transaction: ROLLBACK, or if even that fails, a new
+        connection (closing the old one discards its transaction). Never raises: the caller is
+        already handling an error, or the next BEGIN reports one. Returns the connection to
+        use. Callers hold ``self._lock``."""
+        conn = self._conn
+        assert conn is not None
         try:
-            if old is not None:
-                old.close()
+            conn.execute("ROLLBACK")
+            return conn
+        except sqlite3.Error:
+            log.exception("ROLLBACK failed; reopening the database connection")
+        if self.path == ":memory:":
+            return conn  # a new connection would be a new, empty database
+        try:
+            fresh = self._connect()
+            fresh.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.Error:
+            log.exception("reopening the database failed; trying again at the next transaction")
+            return conn
+        self._conn = fresh
+        try:
+            conn.close()
         except sqlite3.Error:
             pass
-        self._conn = self._connect()
-        self._conn.execute("PRAGMA wal_autocheckpoint=0" if self.path != ":memory:" else "PRAGMA foreign_keys=ON")
+        return fresh
 
     async def run(self, fn: Callable[[Tx], T]) -> T:
         return self._run(fn)

@@ -124,6 +124,26 @@ def _dead_letter_line(pending: _Pending) -> str:
     )
 
 
+def _append_synced(path: Path, lines: list[str]) -> None:
+    """Append ``lines`` to ``path`` and sync. ``pura settlements replay`` claims the file by
+    linking it elsewhere and unlinking the name: if that happened while this append had the file
+    open, the lines went into the claimed file, possibly after the replay's last read, so they
+    are written again under the name (a line replayed twice is reported as already settled the
+    second time, never billed twice)."""
+    for _ in range(3):
+        with path.open("a", encoding="utf-8") as out:
+            out.write("".join(line + "\n" for line in lines))
+            out.flush()
+            os.fsync(out.fileno())
+            written = os.fstat(out.fileno())
+        try:
+            if os.path.samestat(written, os.stat(path)):
+                return
+        except FileNotFoundError:
+            pass
+    raise OSError(f"{path} keeps being replaced while dead letters are written to it")
+
+
 class _DeadLetter(BaseModel):
     """A dead-letter line read back, strictly: the record and its attempts are rebuilt as the
     dataclasses :func:`_dead_letter_line` wrote (a field missing, unknown or of another type
@@ -266,6 +286,7 @@ class SettlementQueue:
         self._taken = 0  # submitted settlements taken out of ``_items``
         self._resolved = 0  # ... of which the first try has ended (committed, parked or dead)
         self._closing = False
+        self._closed = False  # close() has finished: a late submit is dead-lettered
         self._task: asyncio.Task | None = None
         self._leases_task: asyncio.Task | None = None
 
@@ -280,6 +301,13 @@ class SettlementQueue:
         self.store.on_unwritten = self._wake.set
 
     def submit(self, settlement: Settlement) -> None:
+        if self._closed:
+            # A request that finished after close() (its task outlived the server's graceful
+            # shutdown): nothing will commit it any more, so it goes to the dead-letter file.
+            self._taken += 1
+            self._dead_letter([_Pending(self._taken - 1, settlement, error="submitted after close")],
+                              final=True)
+            return
         self._items.append(settlement)
         self._submitted += 1
         self._wake.set()
@@ -305,6 +333,7 @@ class SettlementQueue:
         await asyncio.gather(self._task, return_exceptions=True)  # (ends its round first)
         self._cancel_retry()
         await self._drain()
+        self._closed = True  # (no await since the drain saw its queue empty)
         if self._leases_task is not None:
             self._leases_task.cancel()
             await asyncio.gather(self._leases_task, return_exceptions=True)
@@ -340,7 +369,11 @@ class SettlementQueue:
             fresh = self._take_fresh(self.max_batch - len(retry))
             if self._items or self._retry_due:
                 self._wake.set()
-            if retry or fresh or self.store.rates.has_unwritten:
+            # A retry that came due always runs a round, an empty one too: it is the probe that
+            # finds the database back. (Without it, an outage whose settlements had all been
+            # dead-lettered left the queue "unavailable" with no timer armed, and everything
+            # submitted after that waited, untried, for close().)
+            if retry or fresh or due or self.store.rates.has_unwritten:
                 await self._commit(retry + fresh)
 
     async def _drain(self) -> None:
@@ -488,10 +521,7 @@ class SettlementQueue:
         path = self.dead_letter_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as out:
-                out.write("".join(line + "\n" for line in lines))
-                out.flush()
-                os.fsync(out.fileno())
+            _append_synced(path, lines)
         except OSError:
             log.exception("writing the settlement dead-letter file failed",
                           extra={"fields": {"path": str(path)}})

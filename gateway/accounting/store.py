@@ -842,8 +842,9 @@ class Store:
         commit may also have held the carve again for the lease, or found the lease's row gone:
         the process no longer knows exactly what the row holds, so the lease is retired (no new
         carves from it) and goes back, with what its row really holds, once its other carves
-        have settled. A write transaction, not :meth:`Database.read`: on SQLite a COMMIT that
-        failed can leave the connection inside the transaction, whose rows a read would see."""
+        have settled. A write transaction, not :meth:`Database.read`: it must not run beside a
+        settlement of the same request on another connection (PostgreSQL), and on SQLite it
+        waits for the write lock like the settlement it asks about."""
         row = await self.db.run(
             lambda tx: tx.one(
                 "SELECT key_id, created_ms, finished_ms, cost_micros, response_sha256"

@@ -472,3 +472,31 @@ def test_bad_settings_are_refused_with_a_clear_error(
     with pytest.raises(ValueError) as refused:
         GatewaySettings()
     assert error in str(refused.value)
+
+
+def test_a_dead_letter_written_while_a_replay_claims_the_file_is_written_again(tmp_path: Path, monkeypatch) -> None:
+    """The gateway appends to the file it opened; if a replay claimed the file (linked it
+    away and unlinked the name) meanwhile, the lines may have gone into the claimed file after
+    the replay's last read: they are written again under the name, for the next replay."""
+    import os
+
+    from gateway.accounting import settlement as settlement_module
+
+    path = tmp_path / "dead.jsonl"
+    claimed = tmp_path / "dead.jsonl.replaying"
+    path.write_text('{"old": 1}\n', "utf-8")
+    real_fsync = os.fsync
+    calls = []
+
+    def claim_during_the_first_write(fd: int) -> None:
+        real_fsync(fd)
+        calls.append(fd)
+        if len(calls) == 1:  # a replay claims the file between this append's open and its check
+            os.link(path, claimed)
+            os.unlink(path)
+
+    monkeypatch.setattr(settlement_module.os, "fsync", claim_during_the_first_write)
+    settlement_module._append_synced(path, ['{"new": 2}'])
+    assert claimed.read_text("utf-8") == '{"old": 1}\n{"new": 2}\n'
+    assert path.read_text("utf-8") == '{"new": 2}\n'
+    assert len(calls) == 2

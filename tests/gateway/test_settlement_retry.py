@@ -450,3 +450,38 @@ def test_the_budget_holds_while_settlements_wait_for_a_retry(make_store, tmp_pat
     spent, held_after = held(store, info.id)
     assert spent == sum(expected.values()) <= cap and held_after == 0
     assert queue.health == {"retrying": 0, "dead_lettered": 0}
+
+
+def test_after_an_outage_that_dead_lettered_everything_new_settlements_commit(make_store, tmp_path: Path) -> None:
+    """An outage long enough to dead-letter every waiting settlement left nothing to retry;
+    the queue must still find the database back (the due retry runs an empty round as a
+    probe) instead of parking everything submitted afterwards, untried, until close()."""
+    store = make_store(lease_factor=0)
+    raw, info = store.create_key_sync("", 100_000, 1_000_000)
+    sink = DurableSink(store)
+    faults = Faults(store)
+
+    async def scenario() -> None:
+        queue = make_queue(store, tmp_path, sink, max_failures=2)
+        queue.start()
+        await admit(store, raw, "req_before", 500)
+        await admit(store, raw, "req_after", 500)
+        # the rate counts get written: from then on nothing but settlements makes a round run
+        await until(lambda: not store.rates.has_unwritten)
+        faults.down = True
+        queue.submit(settlement(info.id, "req_before", 300, 100_000))
+        await until(lambda: queue.dead_lettered == 1)
+        await asyncio.sleep(0.1)  # the retry timer fires with nothing parked
+        faults.down = False
+        queue.submit(settlement(info.id, "req_after", 200, 100_000))
+        await until(lambda: ("req_after", True) in sink.seen, timeout_s=5)
+        assert queue.health == {"retrying": 0, "dead_lettered": 1}
+        await queue.close()
+        # a request that ends after close() is dead-lettered, not lost
+        await admit(store, raw, "req_late", 500)
+        queue.submit(settlement(info.id, "req_late", 100, 100_000))
+
+    asyncio.run(scenario())
+    assert billed(store) == {"req_after": 200}
+    assert [line["record"]["request_id"] for line in dead_letters(tmp_path)] == ["req_before", "req_late"]
+    assert dead_letters(tmp_path)[1]["error"] == "submitted after close"

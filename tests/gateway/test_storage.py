@@ -295,14 +295,18 @@ def test_batched_settlement_bills_like_settling_one_by_one(store: Store) -> None
 class _FailingCommit:
     """The SQLite connection, except that the next COMMIT fails as a full disk would."""
 
-    def __init__(self, conn) -> None:
+    def __init__(self, conn, fail_rollback: bool = False) -> None:
         self._conn = conn
         self.fail_next_commit = True
+        self.fail_next_rollback = fail_rollback
 
     def execute(self, sql: str, params=()):
         if sql == "COMMIT" and self.fail_next_commit:
             self.fail_next_commit = False
             raise sqlite3.OperationalError("database or disk is full")
+        if sql == "ROLLBACK" and self.fail_next_rollback:
+            self.fail_next_rollback = False
+            raise sqlite3.OperationalError("disk I/O error")
         return self._conn.execute(sql, params)
 
     def __getattr__(self, name: str):
@@ -344,5 +348,28 @@ def test_a_broken_postgresql_connection_is_replaced(empty_postgres_url: str) -> 
         for _ in range(3):  # ... and the next ones run on a new connection
             assert db.run_sync(lambda tx: tx.one("SELECT 1")) == (1,)
         assert db.run_sync(lambda tx: tx.one("SELECT pg_backend_pid()")[0]) != pid
+    finally:
+        db.close_sync()
+
+
+@pytest.mark.parametrize("reconnect_fails", [False, True])
+def test_a_rollback_that_fails_too_leaves_the_database_usable(tmp_path: Path, monkeypatch, reconnect_fails: bool) -> None:
+    """COMMIT and then ROLLBACK fail: the caller gets the original error; the connection is
+    replaced, or, when even reconnecting fails, kept and cleaned up at the next transaction.
+    The database is never left closed."""
+    db = open_database(f"sqlite:///{tmp_path / 'store.db'}")
+    migrate(db)
+    try:
+        db.run_sync(lambda tx: tx.execute("CREATE TABLE t (v INTEGER)"))
+        db._conn = _FailingCommit(db._conn, fail_rollback=True)
+        if reconnect_fails:
+            def refuse():
+                raise sqlite3.OperationalError("unable to open database file")
+            monkeypatch.setattr(db, "_connect", refuse)
+        with pytest.raises(sqlite3.OperationalError, match="disk is full"):
+            db.run_sync(lambda tx: tx.execute("INSERT INTO t VALUES (1)"))
+        monkeypatch.undo()
+        db.run_sync(lambda tx: tx.execute("INSERT INTO t VALUES (2)"))
+        assert db.run_sync(lambda tx: tx.all("SELECT v FROM t")) == [(2,)]
     finally:
         db.close_sync()
