@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from recordkit import captured_records
 
 from gateway.accounting.db import migrate, open_database
 from gateway.accounting.keys import hash_key, looks_like_key
@@ -311,20 +312,11 @@ def test_usage_is_estimated_only_when_the_upstream_reports_none(stack, client: o
 
 
 def test_completion_records_reach_the_sinks(stack, client: openai.OpenAI) -> None:
-    from gateway.accounting.records import CompletionRecord, answer_hash
+    from gateway.accounting.records import answer_hash
 
-    captured: list[CompletionRecord] = []
-
-    class Capture:
-        async def publish(self, record: CompletionRecord) -> None:
-            captured.append(record)
-
-    stack.services.pipeline.sinks.append(Capture())
-    try:
+    with captured_records(stack) as captured:
         raw = client.chat.completions.with_raw_response.create(model="stand-in-large", messages=QUESTION)
         _flush(stack, client.api_key)  # records reach the sinks once committed
-    finally:
-        stack.services.pipeline.sinks.pop()
     (record,) = captured
     assert record.request_id == raw.headers["x-pura-request-id"]
     assert record.provider == "prem-a" and record.model == "stand-in-large" and record.tier == "premium"

@@ -38,7 +38,7 @@ from gateway.accounting.store import Store, now_ms
 from gateway.app import build_services
 from gateway.cli import main as cli
 from gateway.config import GatewaySettings, RoutingConfig
-from recordkit import completion_record
+from recordkit import completion_record, locked
 
 T0 = 1_790_000_000_000  # a fixed day
 TTL_MS = 900_000  # the sweeper's (PURA_RESERVATION_TTL_S)
@@ -84,18 +84,6 @@ def opened(db_path: Path) -> Iterator[Store]:
         yield Store(db, clock=Clock(), lease_factor=4)
     finally:
         db.close_sync()
-
-
-@contextlib.contextmanager
-def locked(db_path: Path) -> Iterator[None]:
-    """Another connection holds the database's write lock (reads go on: WAL)."""
-    other = sqlite3.connect(db_path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 def dead_letter(

@@ -7,6 +7,7 @@ import json
 import httpx
 import openai
 import pytest
+from recordkit import captured_records
 
 from gateway.accounting.records import answer_hash
 
@@ -360,17 +361,8 @@ def test_unexpected_error_on_the_chat_path_is_an_openai_500(stack, api_key, monk
 def test_client_leaving_mid_stream_stops_the_relay_and_bills_what_was_delivered(stack, api_key) -> None:
     import time
 
-    from gateway.accounting.records import CompletionRecord
-
-    captured: list[CompletionRecord] = []
-
-    class Capture:
-        async def publish(self, record: CompletionRecord) -> None:
-            captured.append(record)
-
     stack.providers["prem-a"].configure(chunk_delay_ms=200)  # about 3 s for the whole answer
-    stack.services.pipeline.sinks.append(Capture())
-    try:
+    with captured_records(stack) as captured:
         started = time.monotonic()
         with httpx.stream("POST", stack.base_url + "/chat/completions",
                           json={"model": "stand-in-large", "messages": USER, "stream": True},
@@ -382,8 +374,6 @@ def test_client_leaving_mid_stream_stops_the_relay_and_bills_what_was_delivered(
         while not captured and time.monotonic() < deadline:
             httpx.get(stack.gateway.url + "/api/report", headers={"Authorization": f"Bearer {api_key}"})
             time.sleep(0.05)
-    finally:
-        stack.services.pipeline.sinks.pop()
     (record,) = captured
     assert record.http_status == 499 and record.outcome == "partial"
     assert record.attempts[-1].outcome == "cut" and 0 < record.cost_micros
@@ -408,16 +398,7 @@ def test_a_stream_in_hand_before_the_response_starts_goes_out_whole_with_the_sam
     plain response (Content-Length, no chunks); one that is still arriving is relayed in
     chunks. The client sees the same events, headers and bill either way, and each request is
     settled once."""
-    from gateway.accounting.records import CompletionRecord
-
-    captured: list[CompletionRecord] = []
-
-    class Capture:
-        async def publish(self, record: CompletionRecord) -> None:
-            captured.append(record)
-
-    stack.services.pipeline.sinks.append(Capture())
-    try:
+    with captured_records(stack) as captured:
         stack.providers["prem-a"].configure(stream_one_write=True)
         whole_headers, whole = _raw_stream(stack, api_key)
         stack.providers["prem-a"].configure(stream_one_write=False, chunk_delay_ms=20)
@@ -428,8 +409,6 @@ def test_a_stream_in_hand_before_the_response_starts_goes_out_whole_with_the_sam
             model="stand-in-large", messages=USER, stream=True, stream_options={"include_usage": True}
         ))
         httpx.get(stack.gateway.url + "/api/report", headers={"Authorization": f"Bearer {api_key}"})
-    finally:
-        stack.services.pipeline.sinks.pop()
     assert "content-length" in whole_headers and "transfer-encoding" not in whole_headers
     assert relayed_headers.get("transfer-encoding") == "chunked"
     for headers in (whole_headers, relayed_headers):

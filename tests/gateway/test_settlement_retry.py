@@ -14,7 +14,6 @@ budget holds while settlements wait for a retry.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -29,7 +28,7 @@ from gateway.accounting.db import migrate, open_database
 from gateway.accounting.records import AttemptRecord, CompletionRecord
 from gateway.accounting.settlement import Settlement, SettlementQueue
 from gateway.accounting.store import Store
-from recordkit import completion_record
+from recordkit import completion_record, locked
 
 T0 = 1_790_000_000_000  # a fixed day
 SETTLING = "settle_many"  # (the name of the settlement's transaction script)
@@ -108,18 +107,6 @@ def make_queue(store: Store, tmp_path: Path, sink: DurableSink, **kwargs) -> Set
         store, [sink], delay_ms=1, retry_ms=5, retry_max_ms=40,
         dead_letter_path=tmp_path / "dead.jsonl", **kwargs,
     )
-
-
-@contextlib.contextmanager
-def locked(store: Store) -> Iterator[None]:
-    """Another connection holds the database's write lock (reads go on: WAL)."""
-    other = sqlite3.connect(store.db.path, isolation_level=None)
-    other.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    finally:
-        other.execute("ROLLBACK")
-        other.close()
 
 
 def settlement(key_id: str, rid: str, cost: int, cap: int, reservation_id: str | None = None) -> Settlement:
@@ -211,7 +198,7 @@ def test_settlements_that_fail_in_an_outage_commit_in_order_once_it_ends(make_st
             queue.submit(settlement(info.id, rid, costs[rid], 100_000))
         await queue.flush()
         await until(lambda: len(sink.seen) == 10)
-        with locked(store):
+        with locked(store.db.path):
             for rid in rids[10:]:
                 queue.submit(settlement(info.id, rid, costs[rid], 100_000))
             await asyncio.wait_for(queue.flush(), 5)  # tried once, failed: parked, not waited for
@@ -242,7 +229,7 @@ def test_close_during_an_outage_dead_letters_everything_for_replay(make_store, t
         queue.start()
         for rid in costs:
             await admit(store, raw, rid, 100)
-        with locked(store):
+        with locked(store.db.path):
             for s in submitted:
                 queue.submit(s)
             await asyncio.wait_for(queue.flush(), 5)
