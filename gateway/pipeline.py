@@ -759,13 +759,6 @@ class ChatPipeline:
         # Started before the response: from here on, however the response ends, closing the
         # relay bills what was delivered and closes the upstream (see EventStreamResponse).
         first = await relay.__anext__()
-        if type(first) is LastChunk:
-            # The upstream's whole stream was in hand before anything was sent (a short answer,
-            # a fast upstream): the relay has billed it and built its end, so the body is known
-            # and goes out as a plain response (the same bytes and headers; a Content-Length
-            # instead of chunks), without a streaming response's disconnect watcher.
-            await relay.aclose()  # (suspended after its last statement: nothing left to run)
-            return Response(first, headers=headers, media_type=EventStreamResponse.media_type)
         return EventStreamResponse(relay, first=first, headers=headers)
 
     async def _relay(
