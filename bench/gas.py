@@ -99,13 +99,17 @@ def honest_epoch(b: Bench, tid, sinks, funder):
     chain.pending_timestamp = b.genesis + (e + 1) * 3600 - 10
     chain.mine()
     pays = expected_pay(p.pool, p.pricing, tid, sinks, [funder], 11)
+    # The funder can vouch only for what it has streamed so far (its room), which lags the
+    # pay by the seconds left in the epoch: every sink gets the same fraction of its pay,
+    # so no sink is starved into a backlog (handing out room first come, first served
+    # would leave the last sinks short every epoch and get them slashed).
     room = p.pool.funder_room(tid, funder)
+    want = sum(pays)
     args = []
     for s, pay in zip(sinks, pays):
-        amount = min(pay * 101 // 100, room)
+        amount = pay if want <= room else pay * room // want
         if amount == 0:
             continue
-        room -= amount
         nonce = NONCES.get(funder.address, 0)
         NONCES[funder.address] = nonce + 1
         r = Receipt(tid, s.address, funder.address, nonce.to_bytes(32, "big"), amount, bytes(32), nonce,
