@@ -61,6 +61,7 @@ WAD: constant(uint256) = 10**18
 BPS: constant(uint256) = 10_000
 # units = smoothed capacity (WAD) // UNIT_DIV, i.e. tasks per epoch scaled by 1e9 (< 2**62)
 UNIT_DIV: constant(uint256) = 10**9
+TASK_SCALE: constant(uint256) = 10**9  # backpressure.TASK_SCALE: tasks are scaled by 1e9
 
 # Packed per-slot word (the one pool slot a rebalance touches per sink):
 #   bits   0..61  units of the current epoch
@@ -399,10 +400,11 @@ def rebalance(task_type: bytes32) -> uint256:
 
     # 2. what the sinks can absorb this period, at the fee of the period. The units in
     #    force are the last rebalance's total minus those of sinks that left since.
-    caps: DynArray[uint256, MAX_SINKS] = staticcall REGISTRY.capacities(task_type)
+    n: uint256 = 0
+    caps: uint256[MAX_SINKS] = empty(uint256[MAX_SINKS])
+    n, caps = staticcall REGISTRY.capacities(task_type)
     fee: uint256 = staticcall PRICING.base_fee(task_type)
     level_before: uint256 = staticcall ESCROW.level(task_type)
-    n: uint256 = len(caps)
     u_eff: uint256 = ps.total_units
     for i: uint256 in range(MAX_SINKS):
         if i == n:
@@ -444,7 +446,12 @@ def rebalance(task_type: bytes32) -> uint256:
             token_io._push(ESCROW.address, moved)
             extcall ESCROW.credit_overflow(task_type, e_funders, e_amounts)
 
-    # 4. one pass: split, backlog (tasks), next units; slashing candidates judged after
+    # 4. one pass: split, backlog (tasks), next units; slashing candidates judged after.
+    #    Unchecked arithmetic below rests on these bounds: units and capacities < 2**62
+    #    (capacity <= 2**32 tasks, scaled by 1e9), u_eff <= 64 * 2**62, fee in
+    #    [1, 2**96) (PricingCurve's bounds), to_sinks <= absorbable < 2**68 * 2**96 * 255,
+    #    tolerance in [1_000, 100_000] (_set_params), threshold <= 100_000 (the tracker's
+    #    setter), stored backlog < 2**96 (a 96-bit field). Each line says which it uses.
     hh: uint256 = self.tolerance_bps
     thr_bps: uint256 = staticcall ICompletionTracker(self.tracker).slash_threshold_bps()
     words: DynArray[uint256, MAX_SINKS] = []
@@ -455,7 +462,8 @@ def rebalance(task_type: bytes32) -> uint256:
     for i: uint256 in range(MAX_SINKS):
         if i == n:
             break
-        status: uint256 = caps[i] >> 248
+        cap_word: uint256 = caps[i]
+        status: uint256 = cap_word >> 248
         if status != STATUS_ACTIVE and status != STATUS_LEAVING:
             words.append(0)
             continue
@@ -464,17 +472,18 @@ def rebalance(task_type: bytes32) -> uint256:
         c_i: uint256 = w & MASK62
         p_i: uint256 = 0
         if status == STATUS_ACTIVE:
-            c_i = (caps[i] & MASK96) // UNIT_DIV
+            c_i = unsafe_div(cap_word & MASK96, UNIT_DIV)
             if u_eff > 0:
-                p_i = to_sinks * (w & MASK62) // u_eff
-                distributed += p_i
-        # Q = max(0, x + paid), in tasks at the period's fee
+                # < 2**142 * 2**62; the units of active sinks sum to u_eff, so p_i <= to_sinks
+                p_i = unsafe_div(unsafe_mul(to_sinks, w & MASK62), u_eff)
+                distributed = unsafe_add(distributed, p_i)  # sum <= to_sinks
+        # Q = max(0, x + paid), in tasks at the period's fee (paid * 1e9 < 2**172, fee >= 1)
         q: uint256 = 0
-        xb: uint256 = ((w >> 64) & MASK96) + backpressure._to_tasks(p_i, fee)
+        xb: uint256 = unsafe_add((w >> 64) & MASK96, unsafe_div(unsafe_mul(p_i, TASK_SCALE), fee))
         if xb > BIAS:
             q = unsafe_sub(xb, BIAS)
         if status == STATUS_ACTIVE and p_i > 0 and c_i > 0:
-            b_min = min(b_min, q * WAD // c_i)
+            b_min = min(b_min, unsafe_div(unsafe_mul(q, WAD), c_i))  # q < 2**173
         # the slash mark follows the backlog down, so a later rise is new shortfall
         mark: uint256 = 0
         mark_flag: uint256 = w & MARK_BIT
@@ -487,9 +496,9 @@ def rebalance(task_type: bytes32) -> uint256:
                     mark_flag = 0
         # paid (or leaving), beyond the absolute threshold and above the mark: a suspect,
         # judged against the best paid sink once every sink has been seen
-        if (p_i > 0 or status == STATUS_LEAVING) and q > c_i * thr_bps // BPS and q > mark:
+        if (p_i > 0 or status == STATUS_LEAVING) and q > unsafe_div(unsafe_mul(c_i, thr_bps), BPS) and q > mark:
             suspects.append(Suspect(slot=i, backlog=q, capacity=c_i, mark=mark, sink=empty(address)))
-        unclaimed: uint256 = (w >> 160) + p_i
+        unclaimed: uint256 = unsafe_add(w >> 160, p_i)  # < 2**96 + 2**142
         if status == STATUS_LEAVING:
             sink: address = self._settle_leaving(task_type, i, unclaimed)
             if len(suspects) > 0 and suspects[len(suspects) - 1].slot == i:
@@ -500,15 +509,18 @@ def rebalance(task_type: bytes32) -> uint256:
         # so without the bit a dead sink that keeps declaring would win weight back by every
         # upward wobble of its signal (w = Cbar - Q/H > 0 again). With it, the weight stays 0
         # until verified work is credited (credit() clears the bit).
-        q_cap: uint256 = backpressure._backlog_cap(c_i, hh)
+        q_cap: uint256 = unsafe_div(unsafe_mul(c_i, hh), BPS)  # H * Cbar
         sat: uint256 = w & SAT_BIT
         if q >= q_cap and q_cap > 0:
             sat = SAT_BIT
         q = min(min(q, q_cap), BIAS - 1)
         units: uint256 = 0
         if sat == 0:
-            units = backpressure._units(c_i, q, hh)
-        new_total += units
+            # w = Cbar - Q / H, floored at 0 (q < 2**95)
+            penalty: uint256 = unsafe_div(unsafe_mul(q, BPS), hh)
+            if c_i > penalty:
+                units = unsafe_sub(c_i, penalty)
+        new_total = unsafe_add(new_total, units)  # <= 64 * 2**62
         assert unclaimed <= MASK96, "pool: balance overflow"
         word: uint256 = units | sat | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
         self._hot[task_type][i] = word

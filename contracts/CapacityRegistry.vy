@@ -622,13 +622,14 @@ def capacity_state(task_type: bytes32, slot: uint256) -> CapState:
 
 @external
 @view
-def capacities(task_type: bytes32) -> DynArray[uint256, MAX_SINKS]:
+def capacities(task_type: bytes32) -> (uint256, uint256[MAX_SINKS]):
     """
-    @notice Per slot, the smoothed capacity this epoch (WAD, low 96 bits) with the slot
-            status (0 free, 1 active, 2 leaving) in the top byte. Read by the pool once
-            per rebalance.
+    @notice The number of slots in use n and, per slot, the smoothed capacity this epoch
+            (WAD, low 96 bits) with the slot status (0 free, 1 active, 2 leaving) in the
+            top byte; entries from n on are 0. Read by the pool once per rebalance.
+    @dev A fixed-size array: no length bookkeeping per entry (cheaper than a DynArray).
     """
-    out: DynArray[uint256, MAX_SINKS] = []
+    out: uint256[MAX_SINKS] = empty(uint256[MAX_SINKS])
     n: uint256 = self.slot_count[task_type]
     now_epoch: uint256 = epoch_clock._epoch()
     # (1 - alpha)^gap for the last gap seen: sinks that declared in the same epoch share it,
@@ -641,20 +642,20 @@ def capacities(task_type: bytes32) -> DynArray[uint256, MAX_SINKS]:
         word: uint256 = self._cap_state[task_type][i]
         status: uint256 = (word >> 224) & 255
         if status != STATUS_ACTIVE:
-            out.append(status << STATUS_SHIFT)
+            out[i] = status << STATUS_SHIFT
             continue
         s: uint256 = word & MASK96
         e0: uint256 = (word >> 160) & MASK32
         if now_epoch > e0:
-            target: uint256 = min((word >> 96) & MASK32, (word >> 128) & MASK32) * WAD
+            target: uint256 = unsafe_mul(min((word >> 96) & MASK32, (word >> 128) & MASK32), WAD)  # < 2**92
             if s != target:
                 gap: uint256 = unsafe_sub(now_epoch, e0)  # now_epoch > e0
                 if gap != last_gap:
                     last_gap = gap
                     last_f = ewma._decay(gap, DECAY_WAD)
                 s = ewma._step(s, target, last_f)
-        out.append(s | (STATUS_ACTIVE << STATUS_SHIFT))
-    return out
+        out[i] = s | (STATUS_ACTIVE << STATUS_SHIFT)
+    return n, out
 
 
 @external

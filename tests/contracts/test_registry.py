@@ -180,8 +180,8 @@ def test_capacities_view_reports_status(registry, sink_a, sink_b, clock):
     registry.register_sink(CHEAP, 100 * USDC, 50, sender=sink_b)
     clock.next_epoch()
     registry.deregister_sink(CHEAP, sender=sink_b)
-    words = registry.capacities(CHEAP)
-    assert len(words) == 2
+    n, words = registry.capacities(CHEAP)
+    assert n == 2 and len(words) == 64 and not any(words[2:])
     assert words[0] >> 248 == 1 and words[0] & (2**96 - 1) == 15 * WAD
     assert words[1] == 2 << 248
 
