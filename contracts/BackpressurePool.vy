@@ -73,6 +73,10 @@ TASK_SCALE: constant(uint256) = 10**9  # backpressure.TASK_SCALE: tasks are scal
 #   bits 160..255 unclaimed balance
 MASK62: constant(uint256) = 2**62 - 1
 MASK96: constant(uint256) = 2**96 - 1
+MASK32: constant(uint256) = 2**32 - 1
+MASK64: constant(uint256) = 2**64 - 1
+MASK128: constant(uint256) = 2**128 - 1
+MASK160: constant(uint256) = 2**160 - 1
 SAT_BIT: constant(uint256) = 2**62
 MARK_BIT: constant(uint256) = 2**63
 BIAS: constant(uint256) = 2**95
@@ -89,6 +93,11 @@ struct Stream:
     remaining: uint256
     last: uint256
     contrib: uint256
+
+struct PackedStream:
+    funder: address
+    rate: uint256
+    money: uint256
 
 struct PoolState:
     last_epoch_p1: uint256
@@ -111,13 +120,25 @@ struct Position:
     unclaimed: uint256
     owed: uint256
 
-tracker: public(address)
-tolerance_bps: public(uint256)
+# Packed words (Vyper gives every variable and struct member its own slot; a rebalance
+# reads all of these, so packing saves a cold read per field). The packing is lossless
+# because every field is bounded, and each write asserts its bound (a revert, never a
+# silent cut). The money bounds are not the pool's own: token_io caps every amount and the
+# pool's balance at 2**96 - 1 when money is pulled in, a stream's remaining + contrib is
+# money the pool holds, and the pot is at most the balance plus what escrow drained (whose
+# balance token_io caps too), so < 2**128. Raising token_io's cap means revisiting these
+# widths: a failing assert in rebalance would stop the market's rebalances.
+#   _cfg:        bits 0..159 tracker | 160..191 tolerance H (BPS) | 192..223 drain share (BPS)
+#   _pot[t]:     bits 0..127 pending (the pot) | 128..255 spare (both money, < 2**128)
+#   _clock[t]:   bits 0..63 last epoch + 1 | 64..159 fee of the last period (< 2**96)
+#                | 160..255 total units (<= 64 * 2**62)
+#   _streams[t][j]: funder; rate; money = remaining (bits 0..95) | contrib (96..191)
+#                   | last settled time (192..255): a settlement writes one word
+_cfg: uint256
 min_funding: public(uint256)
-drain_bps: public(uint256)
-
-pools: public(HashMap[bytes32, PoolState])
-streams: public(HashMap[bytes32, HashMap[uint256, Stream]])
+_pot: HashMap[bytes32, uint256]
+_clock: HashMap[bytes32, uint256]
+_streams: HashMap[bytes32, HashMap[uint256, PackedStream]]
 stream_count: public(HashMap[bytes32, uint256])
 _stream_plus_one: HashMap[bytes32, HashMap[address, uint256]]
 # funded (low 128 bits) | credited (high 128 bits): money this funder put in the pot
@@ -227,9 +248,10 @@ def wire(tracker: address):
     @param tracker The CompletionTracker of this deployment.
     """
     ownable._check_owner()
-    assert self.tracker == empty(address), "pool: already wired"
+    cfg: uint256 = self._cfg
+    assert cfg & MASK160 == 0, "pool: already wired"
     assert tracker != empty(address), "pool: zero address"
-    self.tracker = tracker
+    self._cfg = cfg | convert(tracker, uint256)
     log Wired(tracker=tracker)
 
 
@@ -257,12 +279,12 @@ def fund(task_type: bytes32, amount: uint256, rate: uint256):
     @param rate Tokens per second streamed into the pool while the deposit lasts.
     """
     j: uint256 = self._funder_slot(task_type, msg.sender, amount)
-    st: Stream = self._settled(task_type, self.streams[task_type][j])
+    st: Stream = self._settled(task_type, self._stream(task_type, j))
     if amount > 0:
         token_io._pull(msg.sender, amount)
         st.remaining += amount
     st.rate = rate
-    self.streams[task_type][j] = st
+    self._store_stream(task_type, j, st)
     log StreamFunded(task_type=task_type, funder=msg.sender, amount=amount, rate=rate, remaining=st.remaining)
 
 
@@ -276,11 +298,11 @@ def close_stream(task_type: bytes32) -> uint256:
     sp1: uint256 = self._stream_plus_one[task_type][msg.sender]
     assert sp1 != 0, "pool: no stream"
     j: uint256 = unsafe_sub(sp1, 1)
-    st: Stream = self._settled(task_type, self.streams[task_type][j])
+    st: Stream = self._settled(task_type, self._stream(task_type, j))
     refund: uint256 = st.remaining
     st.remaining = 0
     st.rate = 0
-    self.streams[task_type][j] = st
+    self._store_stream(task_type, j, st)
     if refund > 0:
         token_io._push(msg.sender, refund)
     log StreamClosed(task_type=task_type, funder=msg.sender, refunded=refund)
@@ -298,10 +320,10 @@ def distribute(task_type: bytes32, amount: uint256):
     assert amount > 0, "pool: zero amount"
     j: uint256 = self._funder_slot(task_type, msg.sender, amount)
     token_io._pull(msg.sender, amount)
-    st: Stream = self.streams[task_type][j]
+    st: Stream = self._stream(task_type, j)
     st.contrib += amount
-    self.streams[task_type][j] = st
-    self.pools[task_type].pending += amount
+    self._store_stream(task_type, j, st)
+    self._add_pending(task_type, amount)
     self._add_funded(task_type, msg.sender, amount)
     log Distributed(task_type=task_type, funder=msg.sender, amount=amount)
 
@@ -323,7 +345,7 @@ def credit(
          has not yet vouched for; the tracker checks this per receipt first, this re-check
          only guards the invariant.
     """
-    assert msg.sender == self.tracker, "pool: caller is not the tracker"
+    assert msg.sender == convert(self._cfg & MASK160, address), "pool: caller is not the tracker"
     assert len(slots) == len(slot_amounts) and len(sources) == len(source_amounts), "pool: length mismatch"
     for k: uint256 in range(MAX_SINKS):
         if k == len(sources):
@@ -332,7 +354,7 @@ def credit(
         sp1: uint256 = self._stream_plus_one[task_type][src]
         if sp1 != 0:
             j: uint256 = unsafe_sub(sp1, 1)
-            self.streams[task_type][j] = self._settled(task_type, self.streams[task_type][j])
+            self._store_stream(task_type, j, self._settled(task_type, self._stream(task_type, j)))
         c: uint256 = self._credit[task_type][src]
         credited: uint256 = (c >> 128) + source_amounts[k]
         assert credited <= c & (2**128 - 1), "pool: credit exceeds funding"
@@ -371,7 +393,7 @@ def rebalance(task_type: bytes32) -> uint256:
     @param task_type The market.
     @return The new total units.
     """
-    ps: PoolState = self.pools[task_type]
+    ps: PoolState = self._pool(task_type)
     epoch: uint256 = epoch_clock._epoch()
     assert epoch + 1 > ps.last_epoch_p1, "pool: rebalance not due"
     n_epochs: uint256 = 1
@@ -387,7 +409,7 @@ def rebalance(task_type: bytes32) -> uint256:
     for j: uint256 in range(MAX_FUNDERS):
         if j == nf:
             break
-        st: Stream = self.streams[task_type][j]
+        st: Stream = self._stream(task_type, j)
         streamed: uint256 = self._streamed(st)
         if streamed > 0:
             st.remaining -= streamed
@@ -449,11 +471,13 @@ def rebalance(task_type: bytes32) -> uint256:
     # 4. one pass: split, backlog (tasks), next units; slashing candidates judged after.
     #    Unchecked arithmetic below rests on these bounds: units and capacities < 2**62
     #    (capacity <= 2**32 tasks, scaled by 1e9), u_eff <= 64 * 2**62, fee in
-    #    [1, 2**96) (PricingCurve's bounds), to_sinks <= absorbable < 2**68 * 2**96 * 255,
+    #    [1, 2**96) (PricingCurve's bounds), to_sinks <= min(pending < 2**128, absorbable),
     #    tolerance in [1_000, 100_000] (_set_params), threshold <= 100_000 (the tracker's
     #    setter), stored backlog < 2**96 (a 96-bit field). Each line says which it uses.
-    hh: uint256 = self.tolerance_bps
-    thr_bps: uint256 = staticcall ICompletionTracker(self.tracker).slash_threshold_bps()
+    cfg: uint256 = self._cfg
+    tracker: ICompletionTracker = ICompletionTracker(convert(cfg & MASK160, address))
+    hh: uint256 = (cfg >> 160) & MASK32
+    thr_bps: uint256 = staticcall tracker.slash_threshold_bps()
     words: DynArray[uint256, MAX_SINKS] = []
     suspects: DynArray[Suspect, MAX_SINKS] = []
     b_min: uint256 = max_value(uint256)
@@ -474,16 +498,16 @@ def rebalance(task_type: bytes32) -> uint256:
         if status == STATUS_ACTIVE:
             c_i = unsafe_div(cap_word & MASK96, UNIT_DIV)
             if u_eff > 0:
-                # < 2**142 * 2**62; the units of active sinks sum to u_eff, so p_i <= to_sinks
+                # < 2**128 * 2**62; the units of active sinks sum to u_eff, so p_i <= to_sinks
                 p_i = unsafe_div(unsafe_mul(to_sinks, w & MASK62), u_eff)
                 distributed = unsafe_add(distributed, p_i)  # sum <= to_sinks
-        # Q = max(0, x + paid), in tasks at the period's fee (paid * 1e9 < 2**172, fee >= 1)
+        # Q = max(0, x + paid), in tasks at the period's fee (paid * 1e9 < 2**158, fee >= 1)
         q: uint256 = 0
         xb: uint256 = unsafe_add((w >> 64) & MASK96, unsafe_div(unsafe_mul(p_i, TASK_SCALE), fee))
         if xb > BIAS:
             q = unsafe_sub(xb, BIAS)
         if status == STATUS_ACTIVE and p_i > 0 and c_i > 0:
-            b_min = min(b_min, unsafe_div(unsafe_mul(q, WAD), c_i))  # q < 2**173
+            b_min = min(b_min, unsafe_div(unsafe_mul(q, WAD), c_i))  # q < 2**159
         # the slash mark follows the backlog down, so a later rise is new shortfall
         mark: uint256 = 0
         mark_flag: uint256 = w & MARK_BIT
@@ -498,7 +522,7 @@ def rebalance(task_type: bytes32) -> uint256:
         # judged against the best paid sink once every sink has been seen
         if (p_i > 0 or status == STATUS_LEAVING) and q > unsafe_div(unsafe_mul(c_i, thr_bps), BPS) and q > mark:
             suspects.append(Suspect(slot=i, backlog=q, capacity=c_i, mark=mark, sink=empty(address)))
-        unclaimed: uint256 = unsafe_add(w >> 160, p_i)  # < 2**96 + 2**142
+        unclaimed: uint256 = unsafe_add(w >> 160, p_i)  # < 2**96 + 2**128
         if status == STATUS_LEAVING:
             sink: address = self._settle_leaving(task_type, i, unclaimed)
             if len(suspects) > 0 and suspects[len(suspects) - 1].slot == i:
@@ -542,18 +566,20 @@ def rebalance(task_type: bytes32) -> uint256:
             self._slash_mark[task_type][sus.slot] = sus.backlog
             words[sus.slot] = words[sus.slot] | MARK_BIT
             self._hot[task_type][sus.slot] = words[sus.slot]
-        extcall ICompletionTracker(self.tracker).report_shortfall(
+        extcall tracker.report_shortfall(
             task_type, sink, backpressure._to_money(sus.backlog - base, fee)
         )
 
     # 5. drain escrow into the spare capacity of this period
     spare: uint256 = absorbable - to_sinks
     drained: uint256 = 0
-    allowance: uint256 = spare * self.drain_bps // BPS
+    allowance: uint256 = spare * ((cfg >> 192) & MASK32) // BPS
     if allowance > 0 and level_before > 0:
         drained = self._drain(task_type, allowance)
         ps.pending += drained
-    ps.spare = spare - min(spare, drained)
+    # the spare allowance beyond 2**128 - 1 is unusable anyway (escrow holds < 2**96), so
+    # it is clamped to its field (reachable only with absurd fees x capacities x catch-up)
+    ps.spare = min(spare - min(spare, drained), MASK128)
 
     # 6. fee: utilisation = (fresh inflow + money already queued in escrow) / what the
     #    sinks could absorb this period. Usable capacity (weights), not declared capacity:
@@ -566,7 +592,7 @@ def rebalance(task_type: bytes32) -> uint256:
     ps.last_epoch_p1 = epoch + 1
     ps.total_units = new_total
     ps.fee = fee
-    self.pools[task_type] = ps
+    self._store_pool(task_type, ps)
     log Rebalanced(
         task_type=task_type,
         epoch=epoch,
@@ -591,12 +617,14 @@ def drain_escrow(task_type: bytes32) -> uint256:
     @param task_type The market.
     @return The amount drained.
     """
-    spare: uint256 = self.pools[task_type].spare
+    pot: uint256 = self._pot[task_type]
+    spare: uint256 = pot >> 128
     assert spare > 0, "pool: no spare capacity"
     drained: uint256 = self._drain(task_type, spare)
     assert drained > 0, "pool: escrow empty"
-    self.pools[task_type].spare = spare - drained
-    self.pools[task_type].pending += drained
+    pending: uint256 = (pot & MASK128) + drained
+    assert pending <= MASK128, "pool: amount overflow"
+    self._pot[task_type] = pending | ((spare - drained) << 128)
     return drained
 
 
@@ -627,6 +655,53 @@ def claim(task_type: bytes32) -> uint256:
 
 
 # ---------------------------------------------------------------- views
+
+
+@external
+@view
+def tracker() -> address:
+    """
+    @notice The CompletionTracker allowed to credit verified work (zero until wired).
+    """
+    return convert(self._cfg & MASK160, address)
+
+
+@external
+@view
+def tolerance_bps() -> uint256:
+    """
+    @notice H, the backlog (in epochs, BPS) at which a sink's weight reaches 0.
+    """
+    return (self._cfg >> 160) & MASK32
+
+
+@external
+@view
+def drain_bps() -> uint256:
+    """
+    @notice The share (BPS) of each epoch's spare capacity used to drain escrow.
+    """
+    return (self._cfg >> 192) & MASK32
+
+
+@external
+@view
+def pools(task_type: bytes32) -> PoolState:
+    """
+    @notice A market's pool state: last epoch rebalanced + 1, the pot (money not yet
+            split), total units in force, spare capacity left for draining, and the fee
+            of the last period.
+    """
+    return self._pool(task_type)
+
+
+@external
+@view
+def streams(task_type: bytes32, index: uint256) -> Stream:
+    """
+    @notice The stream at `index` as stored (settled up to its `last` time).
+    """
+    return self._stream(task_type, index)
 
 
 @external
@@ -691,7 +766,7 @@ def funder_room(task_type: bytes32, funder: address) -> uint256:
     funded: uint256 = c & (2**128 - 1)
     sp1: uint256 = self._stream_plus_one[task_type][funder]
     if sp1 != 0:
-        funded += self._streamed(self.streams[task_type][unsafe_sub(sp1, 1)])
+        funded += self._streamed(self._stream(task_type, unsafe_sub(sp1, 1)))
     credited: uint256 = c >> 128
     if credited >= funded:
         return 0
@@ -717,7 +792,7 @@ def stream_of(task_type: bytes32, funder: address) -> Stream:
     sp1: uint256 = self._stream_plus_one[task_type][funder]
     if sp1 == 0:
         return empty(Stream)
-    st: Stream = self.streams[task_type][unsafe_sub(sp1, 1)]
+    st: Stream = self._stream(task_type, unsafe_sub(sp1, 1))
     streamed: uint256 = self._streamed(st)
     st.remaining -= streamed
     st.contrib += streamed
@@ -732,12 +807,12 @@ def liabilities(task_type: bytes32) -> uint256:
     @notice Everything this pool owes in one market: unstreamed deposits + pot + unclaimed
             + owed. Summed over markets it equals the pool's token balance.
     """
-    total: uint256 = self.pools[task_type].pending + self.owed_total[task_type]
+    total: uint256 = (self._pot[task_type] & MASK128) + self.owed_total[task_type]
     nf: uint256 = self.stream_count[task_type]
     for j: uint256 in range(MAX_FUNDERS):
         if j == nf:
             break
-        total += self.streams[task_type][j].remaining
+        total += self._streams[task_type][j].money & MASK96
     for i: uint256 in range(MAX_SINKS):
         total += self._hot[task_type][i] >> 160
     return total
@@ -749,10 +824,66 @@ def rebalance_due(task_type: bytes32) -> bool:
     """
     @notice True when `rebalance` would not revert with "pool: rebalance not due".
     """
-    return epoch_clock._epoch() + 1 > self.pools[task_type].last_epoch_p1
+    return epoch_clock._epoch() + 1 > self._clock[task_type] & MASK64
 
 
 # ---------------------------------------------------------------- internal
+
+
+@internal
+@view
+def _pool(task_type: bytes32) -> PoolState:
+    pot: uint256 = self._pot[task_type]
+    clock: uint256 = self._clock[task_type]
+    return PoolState(
+        last_epoch_p1=clock & MASK64,
+        pending=pot & MASK128,
+        total_units=clock >> 160,
+        spare=pot >> 128,
+        fee=(clock >> 64) & MASK96,
+    )
+
+
+@internal
+def _store_pool(task_type: bytes32, ps: PoolState):
+    # spare is clamped by the caller; fee < 2**96 (PricingCurve.MAX_FEE); total units
+    # <= 64 * 2**62; epochs fit 64 bits for any realistic clock
+    assert ps.pending <= MASK128 and ps.spare <= MASK128, "pool: amount overflow"
+    assert ps.last_epoch_p1 <= MASK64 and ps.fee <= MASK96 and ps.total_units < 2**96, "pool: state overflow"
+    self._pot[task_type] = ps.pending | (ps.spare << 128)
+    self._clock[task_type] = ps.last_epoch_p1 | (ps.fee << 64) | (ps.total_units << 160)
+
+
+@internal
+def _add_pending(task_type: bytes32, amount: uint256):
+    pot: uint256 = self._pot[task_type]
+    pending: uint256 = (pot & MASK128) + amount
+    assert pending <= MASK128, "pool: amount overflow"
+    self._pot[task_type] = (pot & ~MASK128) | pending
+
+
+@internal
+@view
+def _stream(task_type: bytes32, j: uint256) -> Stream:
+    ps: PackedStream = self._streams[task_type][j]
+    return Stream(
+        funder=ps.funder,
+        rate=ps.rate,
+        remaining=ps.money & MASK96,
+        last=ps.money >> 192,
+        contrib=(ps.money >> 96) & MASK96,
+    )
+
+
+@internal
+def _store_stream(task_type: bytes32, j: uint256, st: Stream):
+    # unchanged fields cost a warm no-op write (100 gas) after the read that preceded it
+    assert st.remaining <= MASK96 and st.contrib <= MASK96, "pool: amount overflow"
+    self._streams[task_type][j] = PackedStream(
+        funder=st.funder,
+        rate=st.rate,
+        money=st.remaining | (st.contrib << 96) | (st.last << 192),
+    )
 
 
 @internal
@@ -760,9 +891,8 @@ def _set_params(tolerance_bps: uint256, min_funding: uint256, drain_bps: uint256
     assert tolerance_bps >= 1_000 and tolerance_bps <= 100_000, "pool: tolerance out of range"
     assert min_funding > 0, "pool: zero min funding"
     assert drain_bps <= BPS, "pool: drain share above 100%"
-    self.tolerance_bps = tolerance_bps
+    self._cfg = (self._cfg & MASK160) | (tolerance_bps << 160) | (drain_bps << 192)
     self.min_funding = min_funding
-    self.drain_bps = drain_bps
     log ParamsSet(tolerance_bps=tolerance_bps, min_funding=min_funding, drain_bps=drain_bps)
 
 
@@ -777,7 +907,7 @@ def _funder_slot(task_type: bytes32, funder: address, amount: uint256) -> uint25
     assert j < MAX_FUNDERS, "pool: funder set full"
     self.stream_count[task_type] = j + 1
     self._stream_plus_one[task_type][funder] = j + 1
-    self.streams[task_type][j] = Stream(funder=funder, rate=0, remaining=0, last=block.timestamp, contrib=0)
+    self._store_stream(task_type, j, Stream(funder=funder, rate=0, remaining=0, last=block.timestamp, contrib=0))
     return j
 
 
@@ -802,7 +932,7 @@ def _settled(task_type: bytes32, st_in: Stream) -> Stream:
     if streamed > 0:
         st.remaining -= streamed
         st.contrib += streamed
-        self.pools[task_type].pending += streamed
+        self._add_pending(task_type, streamed)
         self._add_funded(task_type, st.funder, streamed)
     return st
 
@@ -858,7 +988,8 @@ def _settle_leaving(task_type: bytes32, slot: uint256, unclaimed: uint256) -> ad
 def _store_streams(task_type: bytes32, sts: DynArray[Stream, MAX_FUNDERS]):
     """
     @dev Writes the settled streams back with contributions reset, compacting away
-         closed ones (no rate, no deposit): the last live stream moves into the gap.
+         closed ones (no rate, no deposit): later live streams shift down into the gaps,
+         keeping their order; a funder's index is rewritten only when its stream moved.
     """
     kept: uint256 = 0
     for j: uint256 in range(MAX_FUNDERS):
@@ -869,13 +1000,14 @@ def _store_streams(task_type: bytes32, sts: DynArray[Stream, MAX_FUNDERS]):
         if st.rate == 0 and st.remaining == 0:
             self._stream_plus_one[task_type][st.funder] = 0
             continue
-        self.streams[task_type][kept] = st
-        self._stream_plus_one[task_type][st.funder] = kept + 1
+        self._store_stream(task_type, kept, st)
+        if kept != j:  # moved into a gap: its index changed
+            self._stream_plus_one[task_type][st.funder] = kept + 1
         kept += 1
     for j: uint256 in range(MAX_FUNDERS):
         if j < kept:
             continue
         if j >= len(sts):
             break
-        self.streams[task_type][j] = empty(Stream)
+        self._streams[task_type][j] = empty(PackedStream)
     self.stream_count[task_type] = kept

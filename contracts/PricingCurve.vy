@@ -39,6 +39,10 @@ exports: (
 WAD: constant(uint256) = 10**18
 BPS: constant(uint256) = 10_000
 MAX_FEE: public(constant(uint256)) = 2**96 - 1
+MASK16: constant(uint256) = 2**16 - 1
+MASK20: constant(uint256) = 2**20 - 1
+MASK96: constant(uint256) = 2**96 - 1
+MASK160: constant(uint256) = 2**160 - 1
 
 REGISTRY: public(immutable(ICapacityRegistry))
 
@@ -55,9 +59,18 @@ struct Params:
     max_congestion_bps: uint256
     escrow_bps: uint256
 
-fees: public(HashMap[bytes32, Fee])
-params: public(Params)
-pool: public(address)
+# Packed storage: the per-epoch `advance` reads three words and writes one (it read seven
+# and wrote two when every field had its own slot).
+#   _fee_word[t]:  bits 0..95 base fee | 96..191 min fee | 192..255 last epoch + 1
+#   _max_fee[t]:   the ceiling (< 2**96)
+#   _cfg:          bits 0..159 pool | then 16 bits each: target utilisation, max step,
+#                  20 bits each: congestion, max congestion, then the escrow multiplier
+#                  (all BPS; _set_params bounds them to 10_000, 5_000, 100_000,
+#                  1_000_000 and 100_000)
+# Every field is bounded where it is set (MAX_FEE, _set_params), so the packing is lossless.
+_fee_word: HashMap[bytes32, uint256]
+_max_fee: HashMap[bytes32, uint256]
+_cfg: uint256
 escrow: public(address)
 
 event Wired:
@@ -111,9 +124,10 @@ def wire(pool: address, escrow: address):
     @dev Owner only.
     """
     ownable._check_owner()
-    assert self.pool == empty(address), "pricing: already wired"
+    cfg: uint256 = self._cfg
+    assert cfg & MASK160 == 0, "pricing: already wired"
     assert pool != empty(address) and escrow != empty(address), "pricing: zero address"
-    self.pool = pool
+    self._cfg = cfg | convert(pool, uint256)
     self.escrow = escrow
     log Wired(pool=pool, escrow=escrow)
 
@@ -130,11 +144,11 @@ def configure(task_type: bytes32, base_fee: uint256, min_fee: uint256, max_fee: 
     assert min_fee > 0, "pricing: zero min fee"
     assert min_fee <= base_fee and base_fee <= max_fee, "pricing: fee outside bounds"
     assert max_fee <= MAX_FEE, "pricing: max fee too large"
-    f: Fee = self.fees[task_type]
+    f: Fee = self._fee(task_type)
     f.base_fee = base_fee
     f.min_fee = min_fee
     f.max_fee = max_fee
-    self.fees[task_type] = f
+    self._store_fee(task_type, f)
     log FeeConfigured(task_type=task_type, base_fee=base_fee, min_fee=min_fee, max_fee=max_fee)
 
 
@@ -172,16 +186,17 @@ def advance(task_type: bytes32, epoch: uint256, demand: uint256, capacity_value:
     @param epochs Epochs the period covered (1..255).
     @return The new base fee.
     """
-    assert msg.sender == self.pool, "pricing: caller is not the pool"
-    f: Fee = self.fees[task_type]
+    cfg: uint256 = self._cfg
+    assert msg.sender == convert(cfg & MASK160, address), "pricing: caller is not the pool"
+    f: Fee = self._fee(task_type)
     assert f.max_fee > 0, "pricing: task type not configured"
     factor_wad: uint256 = 0
     util_bps: uint256 = 0
-    factor_wad, util_bps = fee_math._factor(demand, capacity_value, self.params.target_util_bps, self.params.max_step_bps)
+    factor_wad, util_bps = fee_math._factor(demand, capacity_value, (cfg >> 160) & MASK16, (cfg >> 176) & MASK16)
     fee: uint256 = fee_math._compound(f.base_fee, f.min_fee, f.max_fee, factor_wad, epochs)
     f.base_fee = fee
     f.last_epoch_p1 = epoch + 1
-    self.fees[task_type] = f
+    self._store_fee(task_type, f)
     log BaseFeeUpdated(task_type=task_type, epoch=epoch, utilisation_bps=util_bps, epochs=epochs, base_fee=fee)
     return fee
 
@@ -192,9 +207,36 @@ def base_fee(task_type: bytes32) -> uint256:
     """
     @notice The current base fee (money per task) of a configured task type.
     """
-    fee: uint256 = self.fees[task_type].base_fee
+    fee: uint256 = self._fee_word[task_type] & MASK96
     assert fee > 0, "pricing: task type not configured"
     return fee
+
+
+@external
+@view
+def fees(task_type: bytes32) -> Fee:
+    """
+    @notice A task type's fee state: base fee, bounds, and the last epoch advanced + 1.
+    """
+    return self._fee(task_type)
+
+
+@external
+@view
+def params() -> Params:
+    """
+    @notice The global fee-controller and price-multiplier parameters.
+    """
+    return self._params(self._cfg)
+
+
+@external
+@view
+def pool() -> address:
+    """
+    @notice The pool allowed to advance fees (zero until wired).
+    """
+    return convert(self._cfg & MASK160, address)
 
 
 @external
@@ -206,14 +248,16 @@ def price(task_type: bytes32, sink: address) -> uint256:
             with b the sink's backlog in epochs (from the pool) and pressure = escrow
             level / escrow max.
     """
-    fee: uint256 = self.fees[task_type].base_fee
+    fee: uint256 = self._fee_word[task_type] & MASK96
     assert fee > 0, "pricing: task type not configured"
-    p: Params = self.params
+    cfg: uint256 = self._cfg
+    p: Params = self._params(cfg)
     congestion_bps: uint256 = 0
-    if self.pool != empty(address):
+    pool: address = convert(cfg & MASK160, address)
+    if pool != empty(address):
         q: uint256 = 0
         e: uint256 = 0
-        q, e = staticcall IBackpressurePool(self.pool).backlog_of(task_type, sink)
+        q, e = staticcall IBackpressurePool(pool).backlog_of(task_type, sink)
         if q > 0:
             if e == 0:
                 congestion_bps = p.max_congestion_bps
@@ -233,11 +277,51 @@ def _set_params(p: Params):
     assert p.congestion_bps <= 100_000, "pricing: congestion too steep"
     assert p.max_congestion_bps <= 1_000_000, "pricing: congestion cap too high"
     assert p.escrow_bps <= 100_000, "pricing: escrow multiplier too high"
-    self.params = p
+    self._cfg = (
+        (self._cfg & MASK160)
+        | (p.target_util_bps << 160)
+        | (p.max_step_bps << 176)
+        | (p.congestion_bps << 192)
+        | (p.max_congestion_bps << 212)
+        | (p.escrow_bps << 232)
+    )
     log ParamsSet(
         target_util_bps=p.target_util_bps,
         max_step_bps=p.max_step_bps,
         congestion_bps=p.congestion_bps,
         max_congestion_bps=p.max_congestion_bps,
         escrow_bps=p.escrow_bps,
+    )
+
+
+@internal
+@view
+def _fee(task_type: bytes32) -> Fee:
+    word: uint256 = self._fee_word[task_type]
+    return Fee(
+        base_fee=word & MASK96,
+        min_fee=(word >> 96) & MASK96,
+        max_fee=self._max_fee[task_type],
+        last_epoch_p1=word >> 192,
+    )
+
+
+@internal
+def _store_fee(task_type: bytes32, f: Fee):
+    # base_fee and min_fee <= max_fee <= MAX_FEE (configure, and _compound's clamp)
+    assert f.last_epoch_p1 < 2**64, "pricing: epoch overflow"
+    self._fee_word[task_type] = f.base_fee | (f.min_fee << 96) | (f.last_epoch_p1 << 192)
+    if self._max_fee[task_type] != f.max_fee:
+        self._max_fee[task_type] = f.max_fee
+
+
+@internal
+@pure
+def _params(cfg: uint256) -> Params:
+    return Params(
+        target_util_bps=(cfg >> 160) & MASK16,
+        max_step_bps=(cfg >> 176) & MASK16,
+        congestion_bps=(cfg >> 192) & MASK20,
+        max_congestion_bps=(cfg >> 212) & MASK20,
+        escrow_bps=cfg >> 232,
     )

@@ -461,3 +461,94 @@ def test_credit_guards_hold_even_for_the_tracker(proto, pool, tracker, funder, s
         pool.credit(CHEAP, [0], [USDC + 1], [funder], [USDC + 1], sender=as_tracker)
     pool.credit(CHEAP, [0], [USDC], [funder], [USDC], sender=as_tracker)
     assert pool.credit_of(CHEAP, funder) == (USDC, USDC)
+
+
+# ------------------------------------------------------------------ packed storage
+
+
+def test_set_params_keeps_the_tracker_and_wiring_keeps_the_params(project, owner, registry, pricing, escrow, tracker):
+    p = owner.deploy(project.BackpressurePool, registry, pricing, escrow, 100_000, 7)
+    assert (p.tracker(), p.tolerance_bps(), p.min_funding(), p.drain_bps()) == ("0x" + "00" * 20, 100_000, 7, 10_000)
+    p.wire(tracker, sender=owner)
+    assert (p.tracker(), p.tolerance_bps(), p.drain_bps()) == (tracker.address, 100_000, 10_000)
+    p.set_params(1_000, 1, 0, sender=owner)
+    assert (p.tracker(), p.tolerance_bps(), p.min_funding(), p.drain_bps()) == (tracker.address, 1_000, 1, 0)
+
+
+def test_the_largest_deposit_round_trips_through_the_packed_stream(pool, escrow, token, owner, accounts, clock, proto):
+    """Stream deposits and contributions are stored in 96-bit fields, the pot in 128 bits.
+    token_io caps every amount and the pool's balance at 2**96 - 1, so the largest deposit
+    possible must come back exact (a wrong mask or shift would cut it), and anything larger
+    is refused before it reaches a packed word."""
+    whale = accounts.generate_test_account()
+    chain.set_balance(whale.address, 10**20)
+    token.mint(whale, 2**97, sender=owner)
+    token.approve(pool, 2**256 - 1, sender=whale)
+    with ape.reverts("token_io: amount too large"):
+        pool.fund(CHEAP, 2**96, 1, sender=whale)
+    room = 2**96 - 1 - token.balanceOf(pool)
+    tx = pool.fund(CHEAP, room, 2**64, sender=whale)
+    st = pool.streams(CHEAP, pool.stream_count(CHEAP) - 1)
+    t0 = chain.provider.get_block(tx.block_number).timestamp
+    assert tuple(st) == (whale.address, 2**64, room, t0, 0)
+    with ape.reverts("token_io: balance too large"):
+        pool.distribute(CHEAP, 1, sender=whale)
+    # a rebalance settles the stream (no sinks: what streamed overflows to escrow, and what
+    # escrow cannot take goes back into the deposit); the money word stays exact
+    clock.next_epoch()
+    tx = pool.rebalance(CHEAP, sender=whale)
+    st = pool.streams(CHEAP, pool.stream_count(CHEAP) - 1)
+    assert (st.last, st.contrib) == (chain.provider.get_block(tx.block_number).timestamp, 0)
+    assert st.remaining + escrow.balance_of(CHEAP, whale) == room
+    assert token.balanceOf(whale) == 2**97 - room
+    assert_conserved(proto)
+
+
+def test_closed_streams_are_compacted_and_every_funder_keeps_its_own_stream(pool, token, owner, accounts, clock, keeper, proto):
+    """Closed streams leave gaps that later live streams move into at the next rebalance,
+    and a funder's index is rewritten only when its stream moved: close the first, a middle
+    and the last of six, then check that every survivor (moved or not) tops up its own
+    stream, that closed funders come back at the end, and that the funder -> index map
+    agrees with the array after each round."""
+    fs = []
+    for i in range(6):
+        a = accounts.generate_test_account()
+        chain.set_balance(a.address, 10**20)
+        token.mint(a, 100 * USDC, sender=owner)
+        token.approve(pool, 2**256 - 1, sender=a)
+        pool.fund(CHEAP, (10 + i) * USDC, 0, sender=a)
+        fs.append(a)
+
+    def layout():
+        n = pool.stream_count(CHEAP)
+        out = [pool.streams(CHEAP, j) for j in range(n)]
+        for st in out:  # stream_of goes through the funder's index
+            assert tuple(pool.stream_of(CHEAP, st.funder))[:3] == tuple(st)[:3]
+        assert pool.streams(CHEAP, n).funder == "0x" + "00" * 20
+        return [st.funder for st in out]
+
+    for k in (1, 3, 5):
+        pool.close_stream(CHEAP, sender=fs[k])
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    # live streams shift down into the gaps in order: 0 stays, 2 -> 1, 4 -> 2
+    assert layout() == [fs[0].address, fs[2].address, fs[4].address]
+    for k in (1, 3, 5):
+        assert pool.stream_of(CHEAP, fs[k]).funder == "0x" + "00" * 20
+    for k in (0, 2, 4):  # unmoved and moved alike top up their own stream
+        pool.fund(CHEAP, USDC, 0, sender=fs[k])
+        assert pool.stream_of(CHEAP, fs[k]).remaining == (11 + k) * USDC
+    pool.fund(CHEAP, 2 * USDC, 0, sender=fs[5])
+    pool.fund(CHEAP, 2 * USDC, 0, sender=fs[1])
+    pool.close_stream(CHEAP, sender=fs[2])
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    assert layout() == [fs[0].address, fs[4].address, fs[5].address, fs[1].address]
+    pool.fund(CHEAP, USDC, 0, sender=fs[5])
+    assert pool.stream_of(CHEAP, fs[5]).remaining == 3 * USDC
+    for k in (0, 1, 4, 5):
+        pool.close_stream(CHEAP, sender=fs[k])
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    assert layout() == []
+    assert_conserved(proto)

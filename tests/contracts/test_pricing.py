@@ -171,3 +171,36 @@ def test_congestion_multiplier_is_capped(proto, pricing, pool, sink_a, funder, c
     assert 100_000 * q // c > 30_000  # ...under a steep one it does
     pressure = proto.escrow.pressure_wad(CHEAP)  # the overflow sits in escrow
     assert pricing.price(CHEAP, sink_a) == pricing.base_fee(CHEAP) * 4 * (WAD + 8_000 * pressure // 10_000) // WAD
+
+
+# ------------------------------------------------------------------ packed storage
+
+
+def test_params_and_fees_round_trip_at_their_bounds(project, owner, registry, pool, escrow):
+    """Fee state and parameters live in packed words: every field must come back exactly at
+    the largest value its setter accepts, and setting one group must not clobber another."""
+    p = owner.deploy(project.PricingCurve, registry)
+    top = (10_000, 5_000, 100_000, 1_000_000, 100_000)
+    p.set_params(*top, sender=owner)
+    assert p.params() == top and p.pool() == "0x" + "00" * 20
+    p.wire(pool, escrow, sender=owner)
+    assert p.params() == top and p.pool() == pool.address and p.escrow() == escrow.address
+    p.set_params(1, 1, 0, 0, 0, sender=owner)
+    assert p.params() == (1, 1, 0, 0, 0) and p.pool() == pool.address
+    big = 2**96 - 1
+    p.configure(CHEAP, big, big - 1, big, sender=owner)
+    assert p.fees(CHEAP) == (big, big - 1, big, 0) and p.base_fee(CHEAP) == big
+    p.configure(PREMIUM, 3, 2, 4, sender=owner)
+    assert p.fees(CHEAP) == (big, big - 1, big, 0) and p.fees(PREMIUM) == (3, 2, 4, 0)
+
+
+def test_advance_keeps_the_bounds_and_records_the_epoch(pricing, pool, owner):
+    pricing.configure(CHEAP, 10_000, 9_000, 11_000, sender=owner)
+    pool_signer = impersonate(pool.address)
+    for k in range(3):
+        pricing.advance(CHEAP, 7 + k, 10, 0, 1, sender=pool_signer)  # no capacity: a full step up
+    assert pricing.fees(CHEAP) == (11_000, 9_000, 11_000, 10)
+    pricing.advance(CHEAP, 10, 0, 10, 1, sender=pool_signer)  # no demand: one step down
+    f = pricing.fees(CHEAP)
+    # one full step down at the default 12.5 %: 11_000 * 0.875, rounded down
+    assert tuple(f) == (9_625, 9_000, 11_000, 11)
