@@ -324,17 +324,59 @@ class PostgresDatabase:
     """A fixed pool of psycopg connections, each owned by one worker thread."""
 
     dialect = "postgresql"
+    #: seconds to wait for a connection (psycopg's default is to wait for the OS, minutes);
+    #: a ``connect_timeout`` in the URL wins
+    CONNECT_TIMEOUT_S = 5
 
     def __init__(self, url: str, pool_size: int = 8) -> None:
         import psycopg
 
         self._psycopg = psycopg
         self.url = url
+        self._connect_kwargs: dict[str, Any] = {"autocommit": False}
+        if "connect_timeout" not in url:
+            self._connect_kwargs["connect_timeout"] = self.CONNECT_TIMEOUT_S
         self._pool: queue.Queue[Any] = queue.Queue()
+        # Outage detection: a call that finds its connection broken bumps `_suspect`; every
+        # other pooled connection, verified at an older value, is pinged before its next use
+        # and replaced if it broke too. One failed call per outage instead of one per pooled
+        # connection (psycopg only learns a connection broke when it next uses it).
+        self._suspect = 0
+        self._verified: dict[int, int] = {}
+        self._lock = threading.Lock()
         for _ in range(pool_size):
-            self._pool.put(psycopg.connect(url, autocommit=False))
+            self._pool.put(self._connect())
         self._executor = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="pura-pg")
         self._closed = threading.Event()
+
+    def _connect(self) -> Any:
+        conn = self._psycopg.connect(self.url, **self._connect_kwargs)
+        with self._lock:
+            self._verified[id(conn)] = self._suspect
+        return conn
+
+    def _usable(self, conn: Any) -> Any:
+        """``conn``, or a new connection when it is broken or, after a suspected outage,
+        fails a ping. Raises psycopg's ``OperationalError`` when the server is unreachable."""
+        with self._lock:
+            stale = self._verified.get(id(conn), -1) < self._suspect
+            suspect = self._suspect
+        if not (conn.closed or conn.broken) and stale:
+            try:
+                conn.execute("SELECT 1")
+                conn.rollback()
+            except self._psycopg.Error:
+                pass  # broken now: replaced below
+            else:
+                with self._lock:
+                    self._verified[id(conn)] = suspect
+        if conn.closed or conn.broken:
+            fresh = self._connect()
+            with self._lock:
+                self._verified.pop(id(conn), None)
+            conn.close()
+            return fresh
+        return conn
 
     def _run(self, fn: Callable[[Tx], T]) -> T:
         """Run ``fn`` in a transaction; a deadlock or serialization failure (the server
@@ -342,17 +384,15 @@ class PostgresDatabase:
         Scripts are plain functions of the database, so running one again is safe.
 
         A connection that broke (server restarted, network cut, backend terminated) is
-        replaced when it is next taken from the pool; if the server is still unreachable the
-        call fails with psycopg's ``OperationalError`` and the broken connection goes back to
-        be replaced on a later call. (Before, it went back as it was and every call that drew
-        it failed, one in ``pool_size``, until the process restarted.)"""
+        replaced when it is next taken from the pool, and the others are pinged before their
+        next use (see ``_suspect``); if the server is still unreachable the call fails with
+        psycopg's ``OperationalError`` and the broken connection goes back to be replaced on
+        a later call. A failed call is never retried here: whether its COMMIT landed is
+        unknown to this layer (the settlement queue resolves that, ``Store.find_settled``)."""
         errors = self._psycopg.errors
         conn = self._pool.get()
         try:
-            if conn.closed or conn.broken:
-                fresh = self._psycopg.connect(self.url, autocommit=False)
-                conn.close()
-                conn = fresh
+            conn = self._usable(conn)
             for attempt in range(3):
                 try:
                     with conn.transaction():
@@ -360,6 +400,11 @@ class PostgresDatabase:
                 except (errors.DeadlockDetected, errors.SerializationFailure):
                     if attempt == 2:
                         raise
+                except self._psycopg.OperationalError:
+                    if conn.broken:
+                        with self._lock:
+                            self._suspect += 1
+                    raise
             raise AssertionError("unreachable")
         finally:
             self._pool.put(conn)

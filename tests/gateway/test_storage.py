@@ -352,6 +352,44 @@ def test_a_broken_postgresql_connection_is_replaced(empty_postgres_url: str) -> 
         db.close_sync()
 
 
+def test_an_outage_fails_one_call_not_one_per_pooled_connection(empty_postgres_url: str) -> None:
+    """Every backend of the pool goes away at once (a server restart): the call that finds
+    its connection broken fails (whether its work landed is unknown, so it is not retried
+    here), and it marks the others suspect, so they are pinged and replaced before their next
+    use. Before, each pooled connection failed one call of its own."""
+    import psycopg
+
+    from gateway.accounting.db import PostgresDatabase
+
+    db = PostgresDatabase(empty_postgres_url, pool_size=3)
+    try:
+        with psycopg.connect(empty_postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            )
+        with pytest.raises(psycopg.OperationalError):
+            db.run_sync(lambda tx: tx.one("SELECT 1"))
+        pids = {db.run_sync(lambda tx: tx.one("SELECT pg_backend_pid()")[0]) for _ in range(6)}
+        assert len(pids) == 3  # each connection drawn in turn, all three replaced and working
+    finally:
+        db.close_sync()
+
+
+def test_postgresql_connects_with_a_timeout_unless_the_url_sets_one(empty_postgres_url: str) -> None:
+    from gateway.accounting.db import PostgresDatabase
+
+    db = PostgresDatabase(empty_postgres_url, pool_size=1)
+    own = PostgresDatabase(empty_postgres_url + "&connect_timeout=2", pool_size=1)
+    try:
+        assert db._connect_kwargs["connect_timeout"] == PostgresDatabase.CONNECT_TIMEOUT_S
+        assert "connect_timeout" not in own._connect_kwargs
+        assert own.run_sync(lambda tx: tx.one("SELECT 1")) == (1,)
+    finally:
+        db.close_sync()
+        own.close_sync()
+
+
 @pytest.mark.parametrize("reconnect_fails", [False, True])
 def test_a_rollback_that_fails_too_leaves_the_database_usable(tmp_path: Path, monkeypatch, reconnect_fails: bool) -> None:
     """COMMIT and then ROLLBACK fail: the caller gets the original error; the connection is
