@@ -61,7 +61,6 @@ WAD: constant(uint256) = 10**18
 BPS: constant(uint256) = 10_000
 # units = smoothed capacity (WAD) // UNIT_DIV, i.e. tasks per epoch scaled by 1e9 (< 2**62)
 UNIT_DIV: constant(uint256) = 10**9
-TASK_SCALE: constant(uint256) = 10**9  # backpressure.TASK_SCALE: tasks are scaled by 1e9
 
 # Packed per-slot word (the one pool slot a rebalance touches per sink):
 #   bits   0..61  units of the current epoch
@@ -501,9 +500,9 @@ def rebalance(task_type: bytes32) -> uint256:
                 # < 2**128 * 2**62; the units of active sinks sum to u_eff, so p_i <= to_sinks
                 p_i = unsafe_div(unsafe_mul(to_sinks, w & MASK62), u_eff)
                 distributed = unsafe_add(distributed, p_i)  # sum <= to_sinks
-        # Q = max(0, x + paid), in tasks at the period's fee (paid * 1e9 < 2**158, fee >= 1)
+        # Q = max(0, x + paid), in tasks at the period's fee (paid < 2**128, fee >= 1)
         q: uint256 = 0
-        xb: uint256 = unsafe_add((w >> 64) & MASK96, unsafe_div(unsafe_mul(p_i, TASK_SCALE), fee))
+        xb: uint256 = unsafe_add((w >> 64) & MASK96, backpressure._to_tasks(p_i, fee))
         if xb > BIAS:
             q = unsafe_sub(xb, BIAS)
         if status == STATUS_ACTIVE and p_i > 0 and c_i > 0:
@@ -533,7 +532,7 @@ def rebalance(task_type: bytes32) -> uint256:
         # so without the bit a dead sink that keeps declaring would win weight back by every
         # upward wobble of its signal (w = Cbar - Q/H > 0 again). With it, the weight stays 0
         # until verified work is credited (credit() clears the bit).
-        q_cap: uint256 = unsafe_div(unsafe_mul(c_i, hh), BPS)  # H * Cbar
+        q_cap: uint256 = backpressure._backlog_cap(c_i, hh)
         sat: uint256 = w & SAT_BIT
         if q >= q_cap and q_cap > 0:
             sat = SAT_BIT
@@ -541,9 +540,7 @@ def rebalance(task_type: bytes32) -> uint256:
         units: uint256 = 0
         if sat == 0:
             # w = Cbar - Q / H, floored at 0 (q < 2**95)
-            penalty: uint256 = unsafe_div(unsafe_mul(q, BPS), hh)
-            if c_i > penalty:
-                units = unsafe_sub(c_i, penalty)
+            units = backpressure._units(c_i, q, hh)
         new_total = unsafe_add(new_total, units)  # <= 64 * 2**62
         assert unclaimed <= MASK96, "pool: balance overflow"
         word: uint256 = units | sat | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)

@@ -23,9 +23,10 @@ TASK_SCALE: constant(uint256) = 10**9
 @pure
 def _to_tasks(amount: uint256, fee: uint256) -> uint256:
     """
-    @dev Money -> tasks * 1e9 at `fee` money per task, rounded down.
+    @dev Money -> tasks * 1e9 at `fee` money per task, rounded down. Unchecked: callers
+         pass amount < 2**128 (money; token_io caps balances at 2**96) and fee >= 1.
     """
-    return amount * TASK_SCALE // fee
+    return unsafe_div(unsafe_mul(amount, TASK_SCALE), fee)
 
 
 @internal
@@ -41,9 +42,10 @@ def _to_money(tasks: uint256, fee: uint256) -> uint256:
 @pure
 def _backlog_cap(capacity: uint256, tolerance_bps: uint256) -> uint256:
     """
-    @dev H * Cbar_k (tasks * 1e9), rounded down.
+    @dev H * Cbar_k (tasks * 1e9), rounded down. Unchecked: capacity < 2**62 and
+         tolerance_bps <= 100_000 (the pool's bounds).
     """
-    return capacity * tolerance_bps // BPS
+    return unsafe_div(unsafe_mul(capacity, tolerance_bps), BPS)
 
 
 @internal
@@ -51,8 +53,9 @@ def _backlog_cap(capacity: uint256, tolerance_bps: uint256) -> uint256:
 def _units(capacity: uint256, backlog: uint256, tolerance_bps: uint256) -> uint256:
     """
     @dev w_k = Cbar_k - Q_k / H (tasks * 1e9), floored at 0; the penalty rounds down.
+         Unchecked: backlog < 2**96 and tolerance_bps >= 1_000 (the pool's bounds).
     """
-    penalty: uint256 = backlog * BPS // tolerance_bps
+    penalty: uint256 = unsafe_div(unsafe_mul(backlog, BPS), tolerance_bps)
     if capacity <= penalty:
         return 0
     return unsafe_sub(capacity, penalty)  # capacity > penalty
