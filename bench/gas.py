@@ -185,16 +185,21 @@ def run() -> list[dict]:
             tx = honest_epoch(b, tid, sinks, funder)
         b.record(f"rebalance, {n} sinks", tx, n, "per sink; all paid and verified, overflow to escrow")
         if n == 64:
-            # the signal moving: every sink attested a new capacity this epoch (EWMA step per sink)
-            batch = []
-            for k, sk in enumerate(sinks):
-                att = Attestation(tid, sk.address, 90 + k % 7, 1, chain.blocks.head.timestamp + 3600)
-                batch.append(att.as_call_arg(att.sign(sk.private_key, chain.chain_id, p.registry.address)))
-            p.registry.submit_attestations(tid, batch, sender=b.owner)
+            # the signal moving: every sink attests a lower capacity (a fall: at once), then
+            # its full capacity again, so in the measured rebalance every signal rises by one
+            # EWMA step
+            def attest_all(capacity_of, nonce):
+                batch = []
+                for k, sk in enumerate(sinks):
+                    att = Attestation(tid, sk.address, capacity_of(k), nonce, chain.blocks.head.timestamp + 3600)
+                    batch.append(att.as_call_arg(att.sign(sk.private_key, chain.chain_id, p.registry.address)))
+                p.registry.submit_attestations(tid, batch, sender=b.owner)
+            attest_all(lambda k: 90 + k % 7, 1)
             b.next_epoch()
             p.pool.rebalance(tid, sender=b.owner)
+            attest_all(lambda k: 100, 2)
             tx = honest_epoch(b, tid, sinks, funder)
-            b.record(f"rebalance, {n} sinks", tx, n, "per sink; every capacity moving (EWMA step each)")
+            b.record(f"rebalance, {n} sinks", tx, n, "per sink; overflow to escrow, every capacity rising (an EWMA step each)")
 
     sinks, funder = market(b, 3)
     b.next_epoch()

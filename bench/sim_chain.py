@@ -32,13 +32,13 @@ from eth_utils import keccak
 from web3 import Web3
 from web3.logs import DISCARD
 
-from bench.sim_model import BIAS, MASK96, TaskCfg
+from bench.sim_model import TaskCfg
+from pura.layout import absorbable, decode_hot
 from pura.signing import Attestation, Receipt, task_type_id
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".build" / "__local__.json"
 ANVIL = REPO / "node_modules" / ".bin" / "anvil"
-MASK62 = 2**62 - 1
 GAS = 15_000_000
 DEPLOYER = Web3.to_checksum_address("0x" + "d0" * 20)
 TREASURY = Web3.to_checksum_address("0x" + "7e" * 20)
@@ -261,8 +261,8 @@ class ChainBackend:
             tid = self.tids[tt]
             out[tt] = {
                 "paid": [(w >> 160) - before[i] for i, w in enumerate(words)],
-                "units": [w & MASK62 for w in words],
-                "backlog": [((w >> 64) & MASK96) - BIAS for w in words],
+                "units": [decode_hot(w).units for w in words],
+                "backlog": [decode_hot(w).x for w in words],
                 "inflow": ev["inflow"], "to_escrow": ev["to_escrow"], "stalled": ev["stalled"],
                 "drained": ev["drained"], "fee": ev["fee"], "distributed": ev["distributed"],
                 "new_fee": self.pricing.functions.base_fee(tid).call(),
@@ -325,8 +325,8 @@ class ChainBackend:
         epoch = (now - self.genesis) // self.p.epoch_length
         n = min(epoch + 1 - last_p1, 255) if last_p1 else 1
         fee = self.pricing.functions.base_fee(tid).call()
-        to_sinks = min(pot, total_units * fee * n // 10**9)
-        units = [self.pool.functions.hot_word(tid, i).call() & MASK62 for i in range(len(self.slots[tt]))]
+        to_sinks = min(pot, absorbable(total_units, fee, n))
+        units = [decode_hot(self.pool.functions.hot_word(tid, i).call()).units for i in range(len(self.slots[tt]))]
         return [to_sinks * u // total_units for u in units]
 
     def funder_room(self, tt: str, funder: str) -> int:

@@ -2,9 +2,10 @@
 
 This is a line-by-line port of the arithmetic in
 
-    contracts/CapacityRegistry.vy   bonds, linear cap, lazy once-per-epoch WAD EWMA, slashing
-    contracts/BackpressurePool.vy   streams, rebalance (split, overflow, backlog, units,
-                                    relative slashing, escrow drain, fee update), credit, claim
+    contracts/CapacityRegistry.vy   bonds, linear cap, published targets, slashing
+    contracts/BackpressurePool.vy   streams, rebalance (EWMA of the targets, split, overflow,
+                                    backlog, units, relative slashing, escrow drain, fee
+                                    update), credit, claim
     contracts/modules/{backpressure,ewma,fee_math}.vy
     contracts/PricingCurve.vy       base fee, EIP-1559 style with catch-up and bounds
     contracts/EscrowBuffer.vy       FIFO entries per funder, max level, release
@@ -28,10 +29,10 @@ from pura.params import TaskTypeParams
 
 WAD = 10**18
 BPS = 10_000
-UNIT_DIV = 10**9  # pool units = tasks * 1e9
-TASK_SCALE = 10**9
+UNIT_DIV = 10**5  # pool units = tasks * 1e5 (pura.layout.TASK_SCALE)
+TASK_SCALE = 10**5
 MASK96 = 2**96 - 1
-BIAS = 2**95
+BIAS = 2**59
 MAX_CAPACITY = 2**32 - 1
 MAX_STEPS = 2**32 - 1
 MAX_FUNDERS = 16
@@ -91,7 +92,7 @@ def backlog_cap(capacity: int, tolerance_bps: int) -> int:
 
 
 def weight_units(capacity: int, backlog: int, tolerance_bps: int) -> int:
-    """w = max(0, Cbar - Q / H), tasks * 1e9; the penalty rounds down."""
+    """w = max(0, Cbar - Q / H), tasks * 1e5; the penalty rounds down."""
     penalty = backlog * BPS // tolerance_bps
     return 0 if capacity <= penalty else capacity - penalty
 
@@ -174,12 +175,11 @@ TaskCfg = TaskTypeParams
 @dataclass
 class Slot:
     sink: str
-    # registry capacity word
-    s: int = 0
+    # registry sink word
     declared: int = 0
     cap: int = 0
-    e0: int = 0
     # pool hot word
+    c: int = 0  # smoothed capacity, tasks * 1e5
     units: int = 0
     sat: bool = False  # backlog hit its cap, no verified work since: units stay 0
     mark_flag: bool = False
@@ -235,7 +235,7 @@ class RebalanceResult:
     new_fee: int
     paid: list[int]
     units: list[int]
-    backlog: list[int]  # tasks * 1e9 after the update
+    backlog: list[int]  # tasks * 1e5 after the update
     slashed: int
 
 
@@ -274,43 +274,20 @@ class Protocol:
         self.token.transfer(sink, self.REGISTRY, bond)
         m.bonds[sink] = m.bonds.get(sink, 0) + bond
         self.total_bonded += bond
-        slot = Slot(sink=sink, s=0, declared=min(capacity, MAX_CAPACITY),
-                    cap=min(m.bonds[sink] // m.cfg.stake_per_unit, MAX_CAPACITY), e0=self.epoch(now))
+        slot = Slot(sink=sink, declared=min(capacity, MAX_CAPACITY),
+                    cap=min(m.bonds[sink] // m.cfg.stake_per_unit, MAX_CAPACITY))
         m.slot_of[sink] = len(m.slots)
         m.slots.append(slot)
         return m.slot_of[sink]
 
-    def _materialise(self, sl: Slot, now_epoch: int):
-        if now_epoch > sl.e0:
-            sl.s = ewma_advance(sl.s, min(sl.declared, sl.cap) * WAD, now_epoch - sl.e0, self.decay_wad)
-            sl.e0 = now_epoch
-
     def declare_many(self, tt: str, decls: list[tuple[str, int]], now: int):
         """Declarations at one timestamp: each is what `declare_capacity` or an accepted
-        relayed attestation does (materialise the signal at this epoch, replace the target)."""
+        relayed attestation does (replace the declared capacity; the pool's signal steps
+        toward min(declared, cap) at its next rebalance)."""
         m = self.markets[tt]
-        now_epoch = self.epoch(now)
-        slots, slot_of, smoothed = m.slots, m.slot_of, self.smoothed_wad
+        slots, slot_of = m.slots, m.slot_of
         for sink, capacity in decls:
-            sl = slots[slot_of[sink]]
-            if now_epoch > sl.e0:
-                sl.s = smoothed(sl, now_epoch)
-                sl.e0 = now_epoch
-            sl.declared = capacity if capacity < MAX_CAPACITY else MAX_CAPACITY
-
-    def smoothed_wad(self, sl: Slot, now_epoch: int) -> int:
-        """The registry's lazy signal at `now_epoch` (ewma._advance, inlined: hot path)."""
-        s = sl.s
-        if now_epoch <= sl.e0:
-            return s
-        target = (sl.declared if sl.declared < sl.cap else sl.cap) * WAD
-        if s == target:
-            return s
-        gap = now_epoch - sl.e0
-        f = self.decay_wad if gap == 1 else ewma_decay(gap, self.decay_wad)
-        if s > target:
-            return target + (s - target) * f // WAD
-        return target - (target - s) * f // WAD
+            slots[slot_of[sink]].declared = capacity if capacity < MAX_CAPACITY else MAX_CAPACITY
 
     def _slash(self, tt: str, sink: str, amount: int, now: int) -> int:
         m = self.markets[tt]
@@ -320,11 +297,10 @@ class Protocol:
             m.bonds[sink] = bonded - taken
             self.total_bonded -= taken
             self.treasury_accrued += taken
-            # _set_cap: materialise, recompute the cap, clamp the signal at once
+            # _set_cap: recompute the cap (the pool clamps its signal at the next rebalance
+            # when the cap binds)
             sl = m.slots[m.slot_of[sink]]
-            self._materialise(sl, self.epoch(now))
             sl.cap = min(m.bonds[sink] // m.cfg.stake_per_unit, MAX_CAPACITY)
-            sl.s = min(sl.s, sl.cap * WAD)
         return taken
 
     # ---------------------------------------------------------- pool: funders
@@ -479,9 +455,13 @@ class Protocol:
         distributed = new_total = 0
         suspects = []
         paid = [0] * len(m.slots)
-        smoothed = self.smoothed_wad
+        # the EWMA: one step per epoch since the last rebalance (the first counts from epoch 0)
+        f_gap = ewma_decay(epoch + 1 - max(m.last_epoch_p1, 1), self.decay_wad)
         for i, sl in enumerate(m.slots):
-            c_i = smoothed(sl, epoch) // UNIT_DIV
+            target = (sl.declared if sl.declared < sl.cap else sl.cap) * UNIT_DIV
+            # rises: one EWMA step per epoch; falls: at once
+            c_i = ewma_step(sl.c, target, f_gap) if sl.c < target else target
+            sl.c = c_i
             p_i = to_sinks * sl.units // u_eff if u_eff > 0 else 0
             distributed += p_i
             paid[i] = p_i

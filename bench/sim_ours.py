@@ -208,7 +208,7 @@ class Driver:
         self._rates = self.rates.tolist()
         self._sink = [sink_name(k) for k in range(st.n_sinks)]
         self._src = [source_name(s) for s in range(st.n_sources)]
-        self.owed = [0] * st.n_sinks  # per sink: work paid for and not yet served, tasks * 1e9
+        self.owed = [0] * st.n_sinks  # per sink: work paid for and not yet served, tasks * TASK_SCALE
 
     def _block(self, epoch: int) -> int:
         return self.genesis + (FIRST_EPOCH + epoch) * EPOCH + 1
@@ -253,7 +253,7 @@ class Driver:
         """Receipts for the work served in step t in task type tt.
 
         Each sink keeps a FIFO of owed work (tasks it was paid for and has not served, in
-        tasks * 1e9). In step t it is owed that plus this epoch's pay, serves as much as its
+        tasks * TASK_SCALE). In step t it is owed that plus this epoch's pay, serves as much as its
         true capacity allows (oldest first) and gets a receipt for the value served at the
         current fee. Returns (receipts, pay, delivered, fee) where `delivered` is the
         paper's per-step measure min(pay, capacity * fee), used for efficiency."""
@@ -353,8 +353,8 @@ def run_ours(plan: Plan, cfg: OursConfig = OursConfig(), *, check_every: int = 1
     pt = {k: np.array(v, dtype=float) for k, v in per_type.items()}
     paid = arr["paid"] / MONEY
     delivered = arr["delivered"] / MONEY
-    units = arr["units"] / (1e9 * SCALE)
-    backlog = arr["backlog"] / (1e9 * SCALE)
+    units = arr["units"] / (TASK_SCALE * SCALE)
+    backlog = arr["backlog"] / (TASK_SCALE * SCALE)
     fee_ratio = pt["fee"] / FEE0
     level = pt["level"] / MONEY
     stalled = pt["stalled"] / MONEY

@@ -34,6 +34,7 @@ from snekmate.auth import ownable_2step
 from modules import epoch_clock
 from modules import token_io
 from modules import backpressure
+from modules import ewma
 from interfaces import ICapacityRegistry
 from interfaces import IPricingCurve
 from interfaces import IEscrowBuffer
@@ -59,30 +60,38 @@ MAX_FUNDERS: public(constant(uint256)) = 16
 MAX_CATCH_UP: constant(uint256) = 255
 WAD: constant(uint256) = 10**18
 BPS: constant(uint256) = 10_000
-# units = smoothed capacity (WAD) // UNIT_DIV, i.e. tasks per epoch scaled by 1e9 (< 2**62)
-UNIT_DIV: constant(uint256) = 10**9
+# capacities, units and backlogs are tasks (per epoch) scaled by 1e5: a capacity is at most
+# MAX_CAPACITY * 1e5 < 2**49 (the registry's MAX_CAPACITY = 2**32 - 1)
+UNIT_DIV: constant(uint256) = 10**5
 
 # Packed per-slot word (the one pool slot a rebalance touches per sink):
-#   bits   0..61  units of the current epoch
-#   bit       62  saturated: the backlog reached its cap (H epochs) and no verified work
+#   bits   0..48  c: smoothed capacity: rises toward the registry's published target by one
+#                 EWMA step per elapsed epoch, falls to it at once (at each rebalance)
+#   bits  49..97  units of the current epoch (<= c)
+#   bit       98  saturated: the backlog reached its cap (H epochs) and no verified work
 #                 has been credited since; the sink's units stay 0 until credit() clears it
-#   bit       63  slash mark present (see _slash_mark)
-#   bits  64..159 x + BIAS, x = backlog at the last rebalance minus verified credit since,
-#                 in tasks * 1e9 (money converted at the fee when paid / credited)
+#   bit       99  slash mark present (see _slash_mark)
+#   bits 100..159 x + BIAS, x = backlog at the last rebalance minus verified credit since,
+#                 in tasks * 1e5 (money converted at the fee when paid / credited); the
+#                 stored backlog is capped at H epochs of capacity <= 10 * 2**49 < BIAS
 #   bits 160..255 unclaimed balance
-MASK62: constant(uint256) = 2**62 - 1
+MASK49: constant(uint256) = 2**49 - 1
+MASK60: constant(uint256) = 2**60 - 1
 MASK96: constant(uint256) = 2**96 - 1
 MASK32: constant(uint256) = 2**32 - 1
 MASK64: constant(uint256) = 2**64 - 1
 MASK128: constant(uint256) = 2**128 - 1
 MASK160: constant(uint256) = 2**160 - 1
-SAT_BIT: constant(uint256) = 2**62
-MARK_BIT: constant(uint256) = 2**63
-BIAS: constant(uint256) = 2**95
+SAT_BIT: constant(uint256) = 2**98
+MARK_BIT: constant(uint256) = 2**99
+BIAS: constant(uint256) = 2**59
+
 STATUS_ACTIVE: constant(uint256) = 1
 STATUS_LEAVING: constant(uint256) = 2
 
 REGISTRY: public(immutable(ICapacityRegistry))
+# 1 - alpha of the EWMA (alpha is the registry's ALPHA_WAD), WAD
+DECAY_WAD: immutable(uint256)
 PRICING: public(immutable(IPricingCurve))
 ESCROW: public(immutable(IEscrowBuffer))
 
@@ -114,6 +123,7 @@ struct Suspect:
 
 struct Position:
     slot: uint256
+    capacity: uint256
     units: uint256
     backlog: uint256
     unclaimed: uint256
@@ -231,6 +241,7 @@ def __init__(
     epoch_clock.__init__(staticcall registry.GENESIS(), staticcall registry.EPOCH_LENGTH())
     token_io.__init__(IERC20(staticcall registry.TOKEN()))
     REGISTRY = registry
+    DECAY_WAD = WAD - staticcall registry.ALPHA_WAD()
     PRICING = pricing
     ESCROW = escrow
     self._set_params(tolerance_bps, min_funding, BPS)
@@ -366,7 +377,7 @@ def credit(
         total += slot_amounts[k]
         amount: uint256 = backpressure._to_tasks(slot_amounts[k], fee)
         word: uint256 = self._hot[task_type][slots[k]]
-        xb: uint256 = (word >> 64) & MASK96
+        xb: uint256 = (word >> 100) & MASK60
         # x saturates at -(BIAS - 1): credit beyond any backlog is dropped at the next
         # rebalance anyway (Q = max(0, x + paid)), so saturation loses nothing.
         if xb > amount:
@@ -374,7 +385,7 @@ def credit(
         else:
             xb = 1
         # verified work clears the saturation bit: the sink is delivering again
-        self._hot[task_type][slots[k]] = (word & ~((MASK96 << 64) | SAT_BIT)) | (xb << 64)
+        self._hot[task_type][slots[k]] = (word & ~((MASK60 << 100) | SAT_BIT)) | (xb << 100)
     log Credited(task_type=task_type, total=total)
 
 
@@ -431,7 +442,7 @@ def rebalance(task_type: bytes32) -> uint256:
         if i == n:
             break
         if caps[i] >> 248 == STATUS_LEAVING:
-            u_eff -= self._hot[task_type][i] & MASK62
+            u_eff -= (self._hot[task_type][i] >> 49) & MASK49
     absorbable: uint256 = u_eff * fee * n_epochs // UNIT_DIV
     to_sinks: uint256 = 0
     if u_eff > 0:
@@ -468,15 +479,19 @@ def rebalance(task_type: bytes32) -> uint256:
             extcall ESCROW.credit_overflow(task_type, e_funders, e_amounts)
 
     # 4. one pass: split, backlog (tasks), next units; slashing candidates judged after.
-    #    Unchecked arithmetic below rests on these bounds: units and capacities < 2**62
-    #    (capacity <= 2**32 tasks, scaled by 1e9), u_eff <= 64 * 2**62, fee in
+    #    Unchecked arithmetic below rests on these bounds: units and capacities < 2**49
+    #    (capacity <= 2**32 tasks, scaled by 1e5), u_eff <= 64 * 2**49, fee in
     #    [1, 2**96) (PricingCurve's bounds), to_sinks <= min(pending < 2**128, absorbable),
     #    tolerance in [1_000, 100_000] (_set_params), threshold <= 100_000 (the tracker's
-    #    setter), stored backlog < 2**96 (a 96-bit field). Each line says which it uses.
+    #    setter), stored x + BIAS < 2**60 (a 60-bit field). Each line says which it uses.
     cfg: uint256 = self._cfg
     tracker: ICompletionTracker = ICompletionTracker(convert(cfg & MASK160, address))
     hh: uint256 = (cfg >> 160) & MASK32
     thr_bps: uint256 = staticcall tracker.slash_threshold_bps()
+    # (1 - alpha)^gap, gap = the epochs since the last rebalance (the real gap, not the pay
+    # catch-up cap; a market's first rebalance counts from epoch 0): a signal below its
+    # target takes one EWMA step per elapsed epoch toward the target published now.
+    f_gap: uint256 = ewma._decay(epoch + 1 - max(ps.last_epoch_p1, 1), DECAY_WAD)
     words: DynArray[uint256, MAX_SINKS] = []
     suspects: DynArray[Suspect, MAX_SINKS] = []
     b_min: uint256 = max_value(uint256)
@@ -491,22 +506,31 @@ def rebalance(task_type: bytes32) -> uint256:
             words.append(0)
             continue
         w: uint256 = self._hot[task_type][i]
-        # capacity in tasks * 1e9: the smoothed signal, or for a leaving sink its last weight
-        c_i: uint256 = w & MASK62
+        u_prev: uint256 = (w >> 49) & MASK49
+        # capacity in tasks * 1e5: the smoothed signal, or for a leaving sink its last weight
+        c_i: uint256 = u_prev
         p_i: uint256 = 0
         if status == STATUS_ACTIVE:
-            c_i = unsafe_div(cap_word & MASK96, UNIT_DIV)
+            c_i = w & MASK49
+            # Rises are smoothed (a burst of declarations moves it one step per epoch); falls
+            # are not: less declared capacity, or stake that stopped counting toward the cap,
+            # stops earning at once, and the signal never exceeds the target.
+            target: uint256 = unsafe_mul(cap_word & MASK32, UNIT_DIV)  # < 2**49
+            if c_i < target:
+                c_i = ewma._step(c_i, target, f_gap)  # in [c_i, target]
+            else:
+                c_i = target
             if u_eff > 0:
-                # < 2**128 * 2**62; the units of active sinks sum to u_eff, so p_i <= to_sinks
-                p_i = unsafe_div(unsafe_mul(to_sinks, w & MASK62), u_eff)
+                # < 2**128 * 2**49; the units of active sinks sum to u_eff, so p_i <= to_sinks
+                p_i = unsafe_div(unsafe_mul(to_sinks, u_prev), u_eff)
                 distributed = unsafe_add(distributed, p_i)  # sum <= to_sinks
         # Q = max(0, x + paid), in tasks at the period's fee (paid < 2**128, fee >= 1)
         q: uint256 = 0
-        xb: uint256 = unsafe_add((w >> 64) & MASK96, backpressure._to_tasks(p_i, fee))
+        xb: uint256 = unsafe_add((w >> 100) & MASK60, backpressure._to_tasks(p_i, fee))
         if xb > BIAS:
             q = unsafe_sub(xb, BIAS)
         if status == STATUS_ACTIVE and p_i > 0 and c_i > 0:
-            b_min = min(b_min, unsafe_div(unsafe_mul(q, WAD), c_i))  # q < 2**159
+            b_min = min(b_min, unsafe_div(unsafe_mul(q, WAD), c_i))  # q < 2**60 + 2**145
         # the slash mark follows the backlog down, so a later rise is new shortfall
         mark: uint256 = 0
         mark_flag: uint256 = w & MARK_BIT
@@ -539,11 +563,11 @@ def rebalance(task_type: bytes32) -> uint256:
         q = min(min(q, q_cap), BIAS - 1)
         units: uint256 = 0
         if sat == 0:
-            # w = Cbar - Q / H, floored at 0 (q < 2**95)
+            # w = Cbar - Q / H, floored at 0 (q < 2**59)
             units = backpressure._units(c_i, q, hh)
         new_total = unsafe_add(new_total, units)  # <= 64 * 2**62
         assert unclaimed <= MASK96, "pool: balance overflow"
-        word: uint256 = units | sat | mark_flag | ((q + BIAS) << 64) | (unclaimed << 160)
+        word: uint256 = c_i | (units << 49) | sat | mark_flag | ((q + BIAS) << 100) | (unclaimed << 160)
         self._hot[task_type][i] = word
         words.append(word)
     ps.pending -= distributed
@@ -705,9 +729,10 @@ def streams(task_type: bytes32, index: uint256) -> Stream:
 @view
 def position(task_type: bytes32, sink: address) -> Position:
     """
-    @notice A sink's slot (index + 1, 0 if not registered), units, backlog (tasks * 1e9:
-            the last rebalance's backlog minus verified credit since), unclaimed and owed
-            balances (money).
+    @notice A sink's slot (index + 1, 0 if not registered), smoothed capacity and units
+            (tasks * 1e5, as of the last rebalance), backlog (tasks * 1e5: the last
+            rebalance's backlog minus verified credit since), unclaimed and owed balances
+            (money).
     """
     out: Position = empty(Position)
     out.owed = self.owed[task_type][sink]
@@ -715,8 +740,9 @@ def position(task_type: bytes32, sink: address) -> Position:
     out.slot = sp1
     if sp1 != 0:
         w: uint256 = self._hot[task_type][unsafe_sub(sp1, 1)]
-        out.units = w & MASK62
-        xb: uint256 = (w >> 64) & MASK96
+        out.capacity = w & MASK49
+        out.units = (w >> 49) & MASK49
+        xb: uint256 = (w >> 100) & MASK60
         if xb > BIAS:
             out.backlog = xb - BIAS
         out.unclaimed = w >> 160
@@ -727,26 +753,27 @@ def position(task_type: bytes32, sink: address) -> Position:
 @view
 def backlog_of(task_type: bytes32, sink: address) -> (uint256, uint256):
     """
-    @notice (backlog, smoothed capacity), both in tasks * 1e9: their ratio is the backlog
-            in epochs, used by the PricingCurve. The backlog is the last rebalance's minus
-            verified credit since.
+    @notice (backlog, smoothed capacity), both in tasks * 1e5: their ratio is the backlog
+            in epochs, used by the PricingCurve. The capacity is the last rebalance's, the
+            backlog the last rebalance's minus verified credit since.
     """
     sp1: uint256 = staticcall REGISTRY.slot_of(task_type, sink)
     if sp1 == 0:
         return 0, 0
     w: uint256 = self._hot[task_type][unsafe_sub(sp1, 1)]
-    xb: uint256 = (w >> 64) & MASK96
+    xb: uint256 = (w >> 100) & MASK60
     q: uint256 = 0
     if xb > BIAS:
         q = xb - BIAS
-    return q, staticcall REGISTRY.smoothed_capacity_wad(task_type, sink) // UNIT_DIV
+    return q, w & MASK49
 
 
 @external
 @view
 def hot_word(task_type: bytes32, slot: uint256) -> uint256:
     """
-    @notice The packed per-slot word (units | saturated | mark | backlog+2**95 | unclaimed).
+    @notice The packed per-slot word: capacity | units << 49 | saturated << 98 | mark << 99
+            | (x + 2**59) << 100 | unclaimed << 160.
     """
     return self._hot[task_type][slot]
 

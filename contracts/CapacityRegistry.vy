@@ -4,12 +4,13 @@
 @title CapacityRegistry
 @custom:contract-name CapacityRegistry
 @license AGPL-3.0-only
-@notice Task types, sink registrations, bonds and the smoothed capacity signal.
+@notice Task types, sink registrations, bonds and the capacity targets.
         A sink bonds settlement tokens per task type; its declared capacity (tasks per
         epoch) is capped LINEARLY by its bond: cap = bonded // stake_per_unit, so
-        splitting one bond across identities gains nothing. The declared capacity is
-        smoothed by an EWMA that steps at most once per epoch, lazily, in WAD fixed
-        point, and reaches its target exactly.
+        splitting one bond across identities gains nothing. The target min(declared, cap)
+        is published per slot, seven to a storage word, for the BackpressurePool, which
+        smooths it (EWMA, alpha = ALPHA_WAD set here, one step per rebalance) in the
+        sink's own pool word: the one word a rebalance touches per sink anyway.
 @custom:security Trust: the owner creates task types, sets the treasury address and
         wires the pool and tracker ONCE; it can never move a member's bond. Only the
         wired CompletionTracker can slash, and only the wired BackpressurePool can
@@ -25,7 +26,6 @@ from snekmate.utils import ecdsa
 
 from modules import epoch_clock
 from modules import token_io
-from modules import ewma
 from modules import signatures
 
 initializes: ownable
@@ -50,15 +50,21 @@ MAX_ATTESTATIONS: constant(uint256) = 64
 MAX_CAPACITY: public(constant(uint256)) = 2**32 - 1
 WAD: constant(uint256) = 10**18
 
-# Packed per-slot capacity word (one storage slot, the only one the pool reads per sink):
-#   bits   0..95   s        smoothed capacity at epoch e0, WAD-scaled (< 2**32 * 1e18 < 2**92)
-#   bits  96..127  declared what the sink last declared (tasks per epoch)
-#   bits 128..159  cap      bonded // stake_per_unit, clamped to MAX_CAPACITY
-#   bits 160..191  e0       epoch at which `s` was materialised
-#   bits 192..223  nonce    last accepted attestation nonce
-#   bits 224..231  status   FREE / ACTIVE / LEAVING
+# Per (task type, sink) word, the one an attestation reads and writes:
+#   bits   0..7    slot + 1 (0: not a member; a LEAVING sink is no longer a member)
+#   bits   8..39   declared  what the sink last declared (tasks per epoch, <= MAX_CAPACITY)
+#   bits  40..71   cap       bonded // stake_per_unit, clamped to MAX_CAPACITY
+#   bits  72..103  nonce     last accepted attestation nonce; kept when the sink leaves, so
+#                            its old attestations cannot be replayed after it re-registers
+# Per slot entry of the published targets, 36 bits, seven to a word (slot // 7, at
+# (slot % 7) * 36): the rebalance reads 10 words for 64 sinks instead of 64.
+#   bits   0..31   target    min(declared, cap); 0 unless ACTIVE
+#   bits  32..33   status    FREE / ACTIVE / LEAVING
 MASK32: constant(uint256) = 2**32 - 1
-MASK96: constant(uint256) = 2**96 - 1
+MASK36: constant(uint256) = 2**36 - 1
+SLOT_MASK: constant(uint256) = 255
+PER_WORD: constant(uint256) = 7
+TARGET_WORDS: constant(uint256) = 10  # ceil(MAX_SINKS / PER_WORD)
 STATUS_FREE: constant(uint256) = 0
 STATUS_ACTIVE: constant(uint256) = 1
 STATUS_LEAVING: constant(uint256) = 2
@@ -76,7 +82,6 @@ REJECT_STALE_NONCE: constant(uint8) = 3
 REJECT_BAD_SIGNATURE: constant(uint8) = 4
 
 ALPHA_WAD: public(immutable(uint256))
-DECAY_WAD: immutable(uint256)
 UNBONDING_PERIOD: public(immutable(uint256))
 
 struct TaskType:
@@ -98,25 +103,27 @@ struct Attestation:
     r: uint256
     vs: uint256
 
-struct CapState:
-    s: uint256
+struct SinkState:
+    slot_plus_one: uint256
     declared: uint256
     cap: uint256
-    e0: uint256
     nonce: uint256
+
+struct Target:
+    target: uint256
     status: uint256
 
 task_types: public(HashMap[bytes32, TaskType])
-# slot index + 1 of an ACTIVE sink; 0 when not registered (a LEAVING sink is no longer a member)
-_slot_plus_one: HashMap[bytes32, HashMap[address, uint256]]
+# the sink word (layout above)
+_sink: HashMap[bytes32, HashMap[address, uint256]]
 # occupant of each slot (ACTIVE or LEAVING); empty when FREE
 member_at: public(HashMap[bytes32, address[MAX_SINKS]])
 # high-water mark of slots ever used, the loop bound for `capacities`
 slot_count: public(HashMap[bytes32, uint256])
 # bit i set while slot i is not FREE
 occupied: public(HashMap[bytes32, uint256])
-# per task type, one word per slot: a fixed array costs one hash per access, a nested map two
-_cap_state: HashMap[bytes32, uint256[MAX_SINKS]]
+# published targets (layout above); a fixed array costs one hash per access, a nested map two
+_targets: HashMap[bytes32, uint256[TARGET_WORDS]]
 bonds: public(HashMap[bytes32, HashMap[address, Bond]])
 total_bonded: public(uint256)
 treasury: public(address)
@@ -225,7 +232,6 @@ def __init__(
     epoch_clock.__init__(block.timestamp, epoch_length)
     token_io.__init__(token)
     ALPHA_WAD = alpha_wad
-    DECAY_WAD = WAD - alpha_wad
     UNBONDING_PERIOD = unbonding_period
     self.treasury = treasury
     log TreasurySet(treasury=treasury)
@@ -304,8 +310,8 @@ def pay_treasury() -> uint256:
 def register_sink(task_type: bytes32, bond: uint256, capacity: uint256) -> uint256:
     """
     @notice Bonds `bond` tokens (pulled from the caller) and registers the caller as a sink.
-    @dev The smoothed signal starts at 0 and steps toward the declaration from the next
-         epoch on: a new identity earns its weight over ~1/alpha epochs.
+    @dev The pool's smoothed signal starts at 0 and steps toward the declaration from the
+         next rebalance on: a new identity earns its weight over ~1/alpha epochs.
     @param task_type The market.
     @param bond Bond to lock, >= the task type's min_bond.
     @param capacity Declared capacity (tasks per epoch); clamped to the bond's cap.
@@ -313,7 +319,8 @@ def register_sink(task_type: bytes32, bond: uint256, capacity: uint256) -> uint2
     """
     tt: TaskType = self.task_types[task_type]
     assert tt.stake_per_unit > 0, "registry: unknown task type"
-    assert self._slot_plus_one[task_type][msg.sender] == 0, "registry: already registered"
+    word: uint256 = self._sink[task_type][msg.sender]
+    assert word & SLOT_MASK == 0, "registry: already registered"
     assert bond >= tt.min_bond, "registry: bond below minimum"
     slot: uint256 = self._free_slot(task_type)
     token_io._pull(msg.sender, bond)
@@ -323,15 +330,16 @@ def register_sink(task_type: bytes32, bond: uint256, capacity: uint256) -> uint2
     self.bonds[task_type][msg.sender] = b
     self.total_bonded += bond
 
-    self._slot_plus_one[task_type][msg.sender] = slot + 1
     self.member_at[task_type][slot] = msg.sender
     self.occupied[task_type] |= (1 << slot)
     declared: uint256 = min(capacity, MAX_CAPACITY)
     cap: uint256 = min(b.bonded // tt.stake_per_unit, MAX_CAPACITY)
-    st: CapState = CapState(s=0, declared=declared, cap=cap, e0=epoch_clock._epoch(), nonce=0, status=STATUS_ACTIVE)
-    self._cap_state[task_type][slot] = self._pack(st)
+    # the nonce survives an earlier membership (see the layout)
+    nonce: uint256 = (word >> 72) & MASK32
+    self._sink[task_type][msg.sender] = self._pack_sink(slot + 1, declared, cap, nonce)
+    self._publish(task_type, slot, declared, cap, STATUS_ACTIVE)
     log SinkRegistered(task_type=task_type, sink=msg.sender, slot=slot, bond=bond, declared=declared)
-    log CapacityDeclared(task_type=task_type, sink=msg.sender, declared=declared, nonce=0)
+    log CapacityDeclared(task_type=task_type, sink=msg.sender, declared=declared, nonce=nonce)
     return slot
 
 
@@ -344,11 +352,11 @@ def deregister_sink(task_type: bytes32):
          gives a LEAVING slot no share of anything distributed after this call.
     @param task_type The market.
     """
-    slot: uint256 = self._slot(task_type, msg.sender)
-    self._slot_plus_one[task_type][msg.sender] = 0
-    self._cap_state[task_type][slot] = self._pack(
-        CapState(s=0, declared=0, cap=0, e0=epoch_clock._epoch(), nonce=0, status=STATUS_LEAVING)
-    )
+    word: uint256 = self._sink[task_type][msg.sender]
+    slot: uint256 = self._slot_in(word)
+    # keep only the nonce
+    self._sink[task_type][msg.sender] = word & (MASK32 << 72)
+    self._publish(task_type, slot, 0, 0, STATUS_LEAVING)
     b: Bond = self.bonds[task_type][msg.sender]
     b.unbonding += b.bonded
     b.bonded = 0
@@ -366,10 +374,10 @@ def release_slot(task_type: bytes32, slot: uint256):
     @param slot A LEAVING slot.
     """
     assert msg.sender == self.pool, "registry: caller is not the pool"
-    word: uint256 = self._cap_state[task_type][slot]
-    assert (word >> 224) & 255 == STATUS_LEAVING, "registry: slot not leaving"
+    assert slot < MAX_SINKS, "registry: slot out of range"
+    assert self._target(task_type, slot).status == STATUS_LEAVING, "registry: slot not leaving"
     sink: address = self.member_at[task_type][slot]
-    self._cap_state[task_type][slot] = 0
+    self._publish(task_type, slot, 0, 0, STATUS_FREE)
     self.member_at[task_type][slot] = empty(address)
     self.occupied[task_type] &= ~(1 << slot)
     log SlotReleased(task_type=task_type, slot=slot, sink=sink)
@@ -379,17 +387,19 @@ def release_slot(task_type: bytes32, slot: uint256):
 def declare_capacity(task_type: bytes32, capacity: uint256):
     """
     @notice Declares the caller's capacity (tasks per epoch). Clamped to the bond's cap.
-    @dev Takes effect in the smoothed signal from the next epoch on; several declarations
-         in one epoch only replace each other, so the signal moves at most one EWMA step
-         per epoch.
+    @dev The pool's smoothed signal steps toward it at the next rebalance; several
+         declarations in one epoch only replace each other, so the signal moves at most one
+         EWMA step per epoch.
     @param task_type The market.
     @param capacity The new declared capacity.
     """
-    slot: uint256 = self._slot(task_type, msg.sender)
-    st: CapState = self._materialised(task_type, slot)
-    st.declared = min(capacity, MAX_CAPACITY)
-    self._cap_state[task_type][slot] = self._pack(st)
-    log CapacityDeclared(task_type=task_type, sink=msg.sender, declared=st.declared, nonce=st.nonce)
+    word: uint256 = self._sink[task_type][msg.sender]
+    slot: uint256 = self._slot_in(word)
+    declared: uint256 = min(capacity, MAX_CAPACITY)
+    cap: uint256 = (word >> 40) & MASK32
+    self._sink[task_type][msg.sender] = (word & ~(MASK32 << 8)) | (declared << 8)
+    self._publish(task_type, slot, declared, cap, STATUS_ACTIVE)
+    log CapacityDeclared(task_type=task_type, sink=msg.sender, declared=declared, nonce=(word >> 72) & MASK32)
 
 
 @external
@@ -401,14 +411,13 @@ def submit_attestations(task_type: bytes32, attestations: DynArray[Attestation, 
             signature in EIP-2098 compact form (the only form accepted).
     @dev A bad entry (expired, unregistered sink, nonce not above the last accepted one,
          bad signature) is skipped with AttestationRejected; the batch never reverts for it.
-         The accepted ones are logged together in one CapacitiesAttested. Works on the
-         packed word directly: one cold read and one write per attestation besides the
-         sink -> slot lookup.
+         The accepted ones are logged together in one CapacitiesAttested. Per attestation:
+         the sink word (one cold read, one write) and its slot's entry in the published
+         targets (a word shared by seven slots).
     @param task_type The market every attestation in the batch is for (part of the signed data).
     @param attestations Up to 64 signed attestations.
     @return The number accepted.
     """
-    now_epoch: uint256 = epoch_clock._epoch()
     # the domain separator once per batch (snekmate's _hash_typed_data_v4 re-derives it per call)
     domain: bytes32 = eip712._domain_separator_v4()
     accepted: DynArray[uint256, MAX_ATTESTATIONS] = []
@@ -419,13 +428,11 @@ def submit_attestations(task_type: bytes32, attestations: DynArray[Attestation, 
         if head & MASK32 < block.timestamp:
             log AttestationRejected(task_type=task_type, sink=sink, nonce=nonce, reason=REJECT_EXPIRED)
             continue
-        sp1: uint256 = self._slot_plus_one[task_type][sink]
-        if sp1 == 0:
+        word: uint256 = self._sink[task_type][sink]
+        if word & SLOT_MASK == 0:
             log AttestationRejected(task_type=task_type, sink=sink, nonce=nonce, reason=REJECT_NOT_REGISTERED)
             continue
-        slot: uint256 = unsafe_sub(sp1, 1)  # sp1 != 0
-        word: uint256 = self._cap_state[task_type][slot]
-        if nonce <= (word >> 192) & MASK32:
+        if nonce <= (word >> 72) & MASK32:
             log AttestationRejected(task_type=task_type, sink=sink, nonce=nonce, reason=REJECT_STALE_NONCE)
             continue
         capacity: uint256 = (head >> 64) & MASK32
@@ -442,22 +449,9 @@ def submit_attestations(task_type: bytes32, attestations: DynArray[Attestation, 
         ):
             log AttestationRejected(task_type=task_type, sink=sink, nonce=nonce, reason=REJECT_BAD_SIGNATURE)
             continue
-        # the signal up to now under the old target, read from the packed word as `capacities` does
-        s: uint256 = word & MASK96
-        e0: uint256 = (word >> 160) & MASK32
-        if now_epoch > e0:
-            target: uint256 = unsafe_mul(min((word >> 96) & MASK32, (word >> 128) & MASK32), WAD)  # < 2**92
-            if s != target:
-                s = ewma._step(s, target, ewma._decay(unsafe_sub(now_epoch, e0), DECAY_WAD))
-        # keep cap (bits 128..159) and status (224..231); replace s, declared, e0, nonce
-        self._cap_state[task_type][slot] = (
-            s
-            | (capacity << 96)
-            | (word & (MASK32 << 128))
-            | (now_epoch << 160)
-            | (nonce << 192)
-            | (word & (255 << 224))
-        )
+        # keep slot and cap; replace declared and nonce (both < 2**32: read from 32-bit fields)
+        self._sink[task_type][sink] = (word & (SLOT_MASK | (MASK32 << 40))) | (capacity << 8) | (nonce << 72)
+        self._publish(task_type, unsafe_sub(word & SLOT_MASK, 1), capacity, (word >> 40) & MASK32, STATUS_ACTIVE)
         accepted.append(head)
     if len(accepted) > 0:
         log CapacitiesAttested(task_type=task_type, heads=accepted)
@@ -474,14 +468,14 @@ def add_bond(task_type: bytes32, amount: uint256):
     @param task_type The market.
     @param amount Tokens to add.
     """
-    slot: uint256 = self._slot(task_type, msg.sender)
+    self._slot(task_type, msg.sender)
     assert amount > 0, "registry: zero amount"
     token_io._pull(msg.sender, amount)
     b: Bond = self.bonds[task_type][msg.sender]
     b.bonded += amount
     self.bonds[task_type][msg.sender] = b
     self.total_bonded += amount
-    self._set_cap(task_type, slot, b.bonded)
+    self._set_cap(task_type, msg.sender, b.bonded)
     log BondAdded(task_type=task_type, sink=msg.sender, amount=amount, bonded=b.bonded)
 
 
@@ -495,7 +489,7 @@ def request_unbond(task_type: bytes32, amount: uint256):
     @param task_type The market.
     @param amount Tokens to unbond.
     """
-    slot: uint256 = self._slot(task_type, msg.sender)
+    self._slot(task_type, msg.sender)
     assert amount > 0, "registry: zero amount"
     b: Bond = self.bonds[task_type][msg.sender]
     assert amount <= b.bonded, "registry: amount exceeds bond"
@@ -504,7 +498,7 @@ def request_unbond(task_type: bytes32, amount: uint256):
     b.unbonding += amount
     b.release = block.timestamp + UNBONDING_PERIOD
     self.bonds[task_type][msg.sender] = b
-    self._set_cap(task_type, slot, b.bonded)
+    self._set_cap(task_type, msg.sender, b.bonded)
     log UnbondRequested(task_type=task_type, sink=msg.sender, amount=amount, unbonding=b.unbonding, release=b.release)
 
 
@@ -549,9 +543,8 @@ def slash(task_type: bytes32, sink: address, amount: uint256) -> uint256:
         self.bonds[task_type][sink] = b
         self.total_bonded -= taken
         self.treasury_accrued += taken
-        sp1: uint256 = self._slot_plus_one[task_type][sink]
-        if from_bonded > 0 and sp1 != 0:
-            self._set_cap(task_type, unsafe_sub(sp1, 1), b.bonded)
+        if from_bonded > 0 and self._sink[task_type][sink] & SLOT_MASK != 0:
+            self._set_cap(task_type, sink, b.bonded)
     log Slashed(task_type=task_type, sink=sink, requested=amount, taken=taken)
     return taken
 
@@ -583,78 +576,62 @@ def slot_of(task_type: bytes32, sink: address) -> uint256:
     """
     @notice Slot index + 1 of a registered sink, 0 if it is not registered.
     """
-    return self._slot_plus_one[task_type][sink]
+    return self._sink[task_type][sink] & SLOT_MASK
 
 
 @external
 @view
-def smoothed_capacity_wad(task_type: bytes32, sink: address) -> uint256:
+def sink_state(task_type: bytes32, sink: address) -> SinkState:
     """
-    @notice The sink's smoothed capacity this epoch, WAD-scaled (0 if not registered).
+    @notice A sink's record: slot + 1 (0 if not a member), declared capacity, cap (bond //
+            stake_per_unit, at most MAX_CAPACITY) and the last accepted attestation nonce.
+            The smoothed capacity lives in the pool (BackpressurePool.position).
     """
-    sp1: uint256 = self._slot_plus_one[task_type][sink]
-    if sp1 == 0:
-        return 0
-    return self._advance(self._unpack(self._cap_state[task_type][unsafe_sub(sp1, 1)]), epoch_clock._epoch()).s
+    word: uint256 = self._sink[task_type][sink]
+    return SinkState(
+        slot_plus_one=word & SLOT_MASK,
+        declared=(word >> 8) & MASK32,
+        cap=(word >> 40) & MASK32,
+        nonce=(word >> 72) & MASK32,
+    )
 
 
 @external
 @view
-def smoothed_capacity(task_type: bytes32, sink: address) -> uint256:
+def target_of(task_type: bytes32, slot: uint256) -> Target:
     """
-    @notice The sink's smoothed capacity this epoch in whole tasks, rounded to nearest.
+    @notice A slot's published entry: target min(declared, cap) and status (0 free,
+            1 active, 2 leaving).
     """
-    sp1: uint256 = self._slot_plus_one[task_type][sink]
-    if sp1 == 0:
-        return 0
-    s: uint256 = self._advance(self._unpack(self._cap_state[task_type][unsafe_sub(sp1, 1)]), epoch_clock._epoch()).s
-    return (s + WAD // 2) // WAD
-
-
-@external
-@view
-def capacity_state(task_type: bytes32, slot: uint256) -> CapState:
-    """
-    @notice The slot's capacity record as stored (s not advanced to the current epoch).
-    """
-    return self._unpack(self._cap_state[task_type][slot])
+    assert slot < MAX_SINKS, "registry: slot out of range"
+    return self._target(task_type, slot)
 
 
 @external
 @view
 def capacities(task_type: bytes32) -> (uint256, uint256[MAX_SINKS]):
     """
-    @notice The number of slots in use n and, per slot, the smoothed capacity this epoch
-            (WAD, low 96 bits) with the slot status (0 free, 1 active, 2 leaving) in the
-            top byte; entries from n on are 0. Read by the pool once per rebalance.
+    @notice The number of slots in use n and, per slot, its published entry as the pool
+            reads it: target (tasks per epoch, bits 0..31) and status (0 free, 1 active,
+            2 leaving) in the top byte; entries from n on are 0. Read by the pool once per
+            rebalance: ten storage words for 64 sinks.
     @dev A fixed-size array: no length bookkeeping per entry (cheaper than a DynArray).
     """
     out: uint256[MAX_SINKS] = empty(uint256[MAX_SINKS])
     n: uint256 = self.slot_count[task_type]
-    now_epoch: uint256 = epoch_clock._epoch()
-    # (1 - alpha)^gap for the last gap seen: sinks that declared in the same epoch share it,
-    # so a market whose sinks are quiet pays one exponentiation, not one per sink
-    last_gap: uint256 = 0
-    last_f: uint256 = WAD
+    word: uint256 = 0
+    k: uint256 = 0
+    sh: uint256 = PER_WORD * 36  # forces a read at i = 0
     for i: uint256 in range(MAX_SINKS):
         if i == n:
             break
-        word: uint256 = self._cap_state[task_type][i]
-        status: uint256 = (word >> 224) & 255
-        if status != STATUS_ACTIVE:
-            out[i] = status << STATUS_SHIFT
-            continue
-        s: uint256 = word & MASK96
-        e0: uint256 = (word >> 160) & MASK32
-        if now_epoch > e0:
-            target: uint256 = unsafe_mul(min((word >> 96) & MASK32, (word >> 128) & MASK32), WAD)  # < 2**92
-            if s != target:
-                gap: uint256 = unsafe_sub(now_epoch, e0)  # now_epoch > e0
-                if gap != last_gap:
-                    last_gap = gap
-                    last_f = ewma._decay(gap, DECAY_WAD)
-                s = ewma._step(s, target, last_f)
-        out[i] = s | (STATUS_ACTIVE << STATUS_SHIFT)
+        if sh == PER_WORD * 36:
+            word = self._targets[task_type][k]
+            k = unsafe_add(k, 1)  # <= TARGET_WORDS: i < 64 = 7 * 9 + 1
+            sh = 0
+        e: uint256 = (word >> sh) & MASK36
+        out[i] = (e & MASK32) | ((e >> 32) << STATUS_SHIFT)
+        sh = unsafe_add(sh, 36)
     return n, out
 
 
@@ -675,7 +652,13 @@ def attestation_digest(task_type: bytes32, sink: address, capacity: uint32, nonc
 @internal
 @view
 def _slot(task_type: bytes32, sink: address) -> uint256:
-    sp1: uint256 = self._slot_plus_one[task_type][sink]
+    return self._slot_in(self._sink[task_type][sink])
+
+
+@internal
+@pure
+def _slot_in(word: uint256) -> uint256:
+    sp1: uint256 = word & SLOT_MASK
     assert sp1 != 0, "registry: not registered"
     return unsafe_sub(sp1, 1)
 
@@ -698,62 +681,39 @@ def _free_slot(task_type: bytes32) -> uint256:
 
 
 @internal
-def _set_cap(task_type: bytes32, slot: uint256, bonded: uint256):
+def _set_cap(task_type: bytes32, sink: address, bonded: uint256):
     """
-    @dev Recomputes the cap after a bond change. The signal is materialised first (the old
-         target applied up to now), then clamped to the new cap at once.
+    @dev Recomputes a member's cap after a bond change and republishes its target (a
+         lower target reaches the pool's signal at once, at its next rebalance).
     """
-    st: CapState = self._materialised(task_type, slot)
-    st.cap = min(bonded // self.task_types[task_type].stake_per_unit, MAX_CAPACITY)
-    st.s = min(st.s, st.cap * WAD)
-    self._cap_state[task_type][slot] = self._pack(st)
+    word: uint256 = self._sink[task_type][sink]
+    cap: uint256 = min(bonded // self.task_types[task_type].stake_per_unit, MAX_CAPACITY)
+    self._sink[task_type][sink] = (word & ~(MASK32 << 40)) | (cap << 40)
+    self._publish(task_type, self._slot_in(word), (word >> 8) & MASK32, cap, STATUS_ACTIVE)
+
+
+@internal
+def _publish(task_type: bytes32, slot: uint256, declared: uint256, cap: uint256, status: uint256):
+    """
+    @dev Writes the slot's entry in the published targets (declared, cap <= MAX_CAPACITY;
+         slot < MAX_SINKS, so the word index is < TARGET_WORDS).
+    """
+    e: uint256 = min(declared, cap) | (status << 32)
+    k: uint256 = unsafe_div(slot, PER_WORD)
+    sh: uint256 = unsafe_mul(unsafe_sub(slot, unsafe_mul(k, PER_WORD)), 36)
+    self._targets[task_type][k] = (self._targets[task_type][k] & ~(MASK36 << sh)) | (e << sh)
 
 
 @internal
 @view
-def _materialised(task_type: bytes32, slot: uint256) -> CapState:
-    return self._advance(self._unpack(self._cap_state[task_type][slot]), epoch_clock._epoch())
-
-
-@internal
-@view
-def _advance(st: CapState, now_epoch: uint256) -> CapState:
-    """
-    @dev Applies the EWMA steps of the epochs elapsed since e0 (see modules/ewma.vy).
-    """
-    out: CapState = st
-    if now_epoch <= st.e0:
-        return out
-    out.s = ewma._advance(st.s, min(st.declared, st.cap) * WAD, now_epoch - st.e0, DECAY_WAD)
-    out.e0 = now_epoch
-    return out
+def _target(task_type: bytes32, slot: uint256) -> Target:
+    k: uint256 = slot // PER_WORD
+    e: uint256 = (self._targets[task_type][k] >> ((slot % PER_WORD) * 36)) & MASK36
+    return Target(target=e & MASK32, status=e >> 32)
 
 
 @internal
 @pure
-def _unpack(word: uint256) -> CapState:
-    return CapState(
-        s=word & MASK96,
-        declared=(word >> 96) & MASK32,
-        cap=(word >> 128) & MASK32,
-        e0=(word >> 160) & MASK32,
-        nonce=(word >> 192) & MASK32,
-        status=(word >> 224) & 255,
-    )
-
-
-@internal
-@pure
-def _pack(st: CapState) -> uint256:
-    # every field is range-checked by construction: s <= cap * WAD < 2**92, declared and
-    # cap <= MAX_CAPACITY, nonce <= MASK32 (checked on entry); e0 fits 32 bits for any
-    # epoch length >= 1 s until the year 2106.
-    assert st.e0 <= MASK32, "registry: epoch overflow"
-    return (
-        st.s
-        | (st.declared << 96)
-        | (st.cap << 128)
-        | (st.e0 << 160)
-        | (st.nonce << 192)
-        | (st.status << 224)
-    )
+def _pack_sink(slot_plus_one: uint256, declared: uint256, cap: uint256, nonce: uint256) -> uint256:
+    # slot_plus_one <= MAX_SINKS, declared and cap <= MAX_CAPACITY, nonce < 2**32 (a 32-bit field)
+    return slot_plus_one | (declared << 8) | (cap << 40) | (nonce << 72)

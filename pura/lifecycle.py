@@ -20,6 +20,7 @@ import sys
 from ape import accounts, chain, networks, project
 
 from pura.deploy import deploy_protocol
+from pura.layout import TASK_SCALE
 from pura.market import expected_pay
 from pura.params import ProtocolParams, TaskTypeParams
 from pura.signing import Receipt, task_type_id
@@ -86,7 +87,7 @@ class Demo:
             if not working[i] or amount == 0:
                 continue
             # a recovering sink also works off what it was paid and did not deliver
-            backlog_money = p.pool.position(task, sink).backlog * p.pricing.base_fee(task) // 10**9
+            backlog_money = p.pool.position(task, sink).backlog * p.pricing.base_fee(task) // TASK_SCALE
             amount = min(amount + backlog_money, room)
             room -= amount
             delivered[i] = amount
@@ -106,11 +107,11 @@ class Demo:
         units = [p.pool.position(task, s).units for s in self.sinks]
         for i, sink in enumerate(self.sinks):
             pos = p.pool.position(task, sink)
-            cap = p.registry.smoothed_capacity_wad(task, sink) // 10**9
+            cap = pos.capacity
             rows.append({
                 "sink": NAMES[i],
                 "working": working[i],
-                "capacity": p.registry.smoothed_capacity(task, sink),
+                "capacity": round(cap / TASK_SCALE),
                 "backlog_epochs": pos.backlog / cap if cap else 0.0,
                 "share": units[i] / sum(units) if sum(units) else 0.0,
                 "price": p.pricing.price(task, sink),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pura.layout import absorbable
+
 
 def expected_pay(pool, pricing, task: bytes, sinks, funders, seconds_ahead: int) -> list[int]:
     """What each of `sinks` will be paid by a rebalance `seconds_ahead` from the latest block,
@@ -20,7 +22,7 @@ def expected_pay(pool, pricing, task: bytes, sinks, funders, seconds_ahead: int)
     total = sum(units)
     if total == 0:
         return [0] * len(sinks)
-    to_sinks = min(pot, total * pricing.base_fee(task) // 10**9)
+    to_sinks = min(pot, absorbable(total, pricing.base_fee(task)))
     return [to_sinks * u // total for u in units]
 
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import click
 
+from pura.layout import TASK_SCALE, decode_hot
+
 DEFAULT_NETWORK = "ethereum:local:foundry"
 KEY_ENV = "PURA_PRIVATE_KEY"
 ACCOUNT_ENV = "PURA_ACCOUNT"
@@ -519,23 +521,22 @@ def market_snapshot(d: Deployed, name: str, tid: bytes, me: str | None = None) -
     rows = []
     for slot in range(reg.slot_count(tid)):
         sink = reg.member_at(tid, slot)
-        cs = reg.capacity_state(tid, slot)
-        if cs.status == 0:
+        tg = reg.target_of(tid, slot)
+        if tg.status == 0:
             continue
         b = reg.bonds(tid, sink)
-        status = {1: "active", 2: "leaving"}.get(cs.status, str(cs.status))
+        ss = reg.sink_state(tid, sink)
+        status = {1: "active", 2: "leaving"}.get(tg.status, str(tg.status))
+        hw = decode_hot(pool.hot_word(tid, slot))
+        units, unclaimed = hw.units, hw.unclaimed
         if status == "active":
-            pos = pool.position(tid, sink)
-            units, backlog, unclaimed = pos.units, pos.backlog, pos.unclaimed
-            smoothed_wad = reg.smoothed_capacity_wad(tid, sink)
+            backlog, smoothed_units = hw.backlog, hw.capacity
             price = pricing.price(tid, sink)
         else:
-            word = pool.hot_word(tid, slot)
-            units, backlog, unclaimed = word & (2**62 - 1), 0, word >> 160
-            smoothed_wad, price = 0, 0
+            backlog, smoothed_units, price = 0, 0, 0
         owed = pool.owed(tid, sink)
         units_total += units
-        smoothed = smoothed_wad / 10**18
+        smoothed = smoothed_units / TASK_SCALE
         rows.append({
             "slot": slot,
             "sink": sink,
@@ -544,13 +545,13 @@ def market_snapshot(d: Deployed, name: str, tid: bytes, me: str | None = None) -
             "bond": b.bonded,
             "unbonding": b.unbonding,
             "unbond_release": b.release,
-            "declared": cs.declared,
-            "cap": cs.cap,
+            "declared": ss.declared,
+            "cap": ss.cap,
             "smoothed_capacity": smoothed,
-            "backlog_tasks": backlog / 10**9,
-            "backlog_epochs": (backlog / 10**9) / smoothed if smoothed else 0.0,
+            "backlog_tasks": backlog / TASK_SCALE,
+            "backlog_epochs": (backlog / TASK_SCALE) / smoothed if smoothed else 0.0,
             "weight_units": units,
-            "weight_tasks": units / 10**9,
+            "weight_tasks": units / TASK_SCALE,
             "price": price,
             "claimable": unclaimed + owed,
         })

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import click
 
+from pura.layout import absorbable
+
 from scripts._common import (
     Fail,
     account_option,
@@ -123,7 +125,7 @@ def cli(network_choice, account_spec, task_names, amount_text, rate_text, over_t
             return
         st = pool.stream_of(tid, me)
         fee = d.proto.pricing.base_fee(tid)
-        absorb = pool.pools(tid).total_units * fee // 10**9
+        absorb = absorbable(pool.pools(tid).total_units, fee)
         runway = st.remaining / st.rate if st.rate else float("inf")
         echo(f"{name}: stream {d.fmt(st.remaining)} left at {d.fmt(st.rate)}/s = {d.fmt(st.rate * 3600)}/hour "
              f"= {d.fmt(st.rate * epoch_len)}/epoch; runs out in "

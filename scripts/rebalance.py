@@ -20,6 +20,8 @@ import signal
 
 import click
 
+from pura.layout import TASK_SCALE
+
 from scripts._common import (
     account_option,
     connected,
@@ -123,7 +125,7 @@ class Keeper:
                 return "failed"
             echo(f"{name}: would rebalance epoch {epoch}"
                  + (f" ({behind} epoch(s) since the last)" if behind else " (first rebalance)")
-                 + f": pot {self.d.fmt(ps.pending)}, new total weight {units / 10**9:.2f} tasks/epoch"
+                 + f": pot {self.d.fmt(ps.pending)}, new total weight {units / TASK_SCALE:.2f} tasks/epoch"
                  + (f", ~{gas:,} gas" if gas else ""))
             return "would"
         try:
@@ -145,7 +147,7 @@ class Keeper:
             echo(f"{name}: rebalanced epoch {e.epoch} (tx {receipt.txn_hash}, gas {receipt.gas_used:,}): "
                  f"inflow {self.d.fmt(e.inflow)}, to sinks {self.d.fmt(e.distributed)}, to escrow "
                  f"{self.d.fmt(e.to_escrow)}, drained {self.d.fmt(e.drained)}, fee {self.d.fmt(e.fee)}/task, "
-                 f"total weight {e.total_units / 10**9:.2f}")
+                 f"total weight {e.total_units / TASK_SCALE:.2f}")
         else:
             echo(f"{name}: rebalanced (tx {receipt.txn_hash})")
         return "rebalanced"

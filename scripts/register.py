@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import click
 
+from pura.layout import TASK_SCALE
+
 from scripts._common import (
     Fail,
     account_option,
@@ -120,8 +122,9 @@ def _show(d, name, tid, me):
         echo(f"{name}: {me} is not registered; unbonding {d.fmt(b.unbonding)}"
              + (f" (withdrawable from {fmt_time(b.release)} with `ape run claim --unbonded`)" if b.unbonding else ""))
         return
-    cs = reg.capacity_state(tid, sp1 - 1)
+    ss = reg.sink_state(tid, me)
+    smoothed = d.proto.pool.position(tid, me).capacity / TASK_SCALE
     echo(f"{name}: {me} slot {sp1 - 1}, bond {d.fmt(b.bonded)}"
          + (f" (+{d.fmt(b.unbonding)} unbonding)" if b.unbonding else "")
-         + f", declared {cs.declared}, cap {cs.cap}, smoothed now {reg.smoothed_capacity(tid, me)} "
-         "(moves toward min(declared, cap) one EWMA step per epoch)")
+         + f", declared {ss.declared}, cap {ss.cap}, smoothed {smoothed:.2f} as of the last rebalance "
+         "(the pool moves it toward min(declared, cap) one EWMA step per epoch)")

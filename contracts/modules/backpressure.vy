@@ -2,7 +2,7 @@
 """
 @title Backpressure weight
 @custom:contract-name backpressure
-@notice For sink k, per epoch, with every quantity in TASKS (scaled by 1e9, the unit of
+@notice For sink k, per epoch, with every quantity in TASKS (scaled by 1e5, the unit of
         pool units):
             Q_k <- min(max(0, Q_k + paid_k / fee - verified_k / fee'), H * Cbar_k)
             w_k  = Cbar_k * max(0, 1 - (Q_k / Cbar_k) / H) = max(0, Cbar_k - Q_k / H)
@@ -16,14 +16,14 @@
 """
 
 BPS: constant(uint256) = 10_000
-TASK_SCALE: constant(uint256) = 10**9
+TASK_SCALE: constant(uint256) = 10**5
 
 
 @internal
 @pure
 def _to_tasks(amount: uint256, fee: uint256) -> uint256:
     """
-    @dev Money -> tasks * 1e9 at `fee` money per task, rounded down. Unchecked: callers
+    @dev Money -> tasks * 1e5 at `fee` money per task, rounded down. Unchecked: callers
          pass amount < 2**128 (money; token_io caps balances at 2**96) and fee >= 1.
     """
     return unsafe_div(unsafe_mul(amount, TASK_SCALE), fee)
@@ -33,7 +33,7 @@ def _to_tasks(amount: uint256, fee: uint256) -> uint256:
 @pure
 def _to_money(tasks: uint256, fee: uint256) -> uint256:
     """
-    @dev Tasks * 1e9 -> money at `fee` money per task, rounded down.
+    @dev Tasks * 1e5 -> money at `fee` money per task, rounded down.
     """
     return tasks * fee // TASK_SCALE
 
@@ -42,7 +42,7 @@ def _to_money(tasks: uint256, fee: uint256) -> uint256:
 @pure
 def _backlog_cap(capacity: uint256, tolerance_bps: uint256) -> uint256:
     """
-    @dev H * Cbar_k (tasks * 1e9), rounded down. Unchecked: capacity < 2**62 and
+    @dev H * Cbar_k (tasks * 1e5), rounded down. Unchecked: capacity < 2**49 and
          tolerance_bps <= 100_000 (the pool's bounds).
     """
     return unsafe_div(unsafe_mul(capacity, tolerance_bps), BPS)
@@ -52,7 +52,7 @@ def _backlog_cap(capacity: uint256, tolerance_bps: uint256) -> uint256:
 @pure
 def _units(capacity: uint256, backlog: uint256, tolerance_bps: uint256) -> uint256:
     """
-    @dev w_k = Cbar_k - Q_k / H (tasks * 1e9), floored at 0; the penalty rounds down.
+    @dev w_k = Cbar_k - Q_k / H (tasks * 1e5), floored at 0; the penalty rounds down.
          Unchecked: backlog < 2**96 and tolerance_bps >= 1_000 (the pool's bounds).
     """
     penalty: uint256 = unsafe_div(unsafe_mul(backlog, BPS), tolerance_bps)

@@ -23,6 +23,7 @@ from web3.exceptions import ContractLogicError
 
 from gateway.chain.client import ChainClient, ChainError
 from gateway.chain.outbox import Outbox
+from pura.layout import TASK_SCALE
 
 log = logging.getLogger("pura.chain.keeper")
 
@@ -155,7 +156,7 @@ class Keeper:
         own = streams[-1]  # the gateway's own stream keeps paying until the epoch ends
         to_come = min(int(own[2]), int(own[1]) * max(0, end - now))
         pot = int(state[1]) + unsettled + to_come
-        absorbable = int(state[2]) * int(fee) // 10**9
+        absorbable = int(state[2]) * int(fee) // TASK_SCALE
         top_up = min(owed - room, absorbable - pot)
         if top_up <= 0:
             self.waiting_for_capacity = owed - room

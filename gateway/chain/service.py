@@ -25,6 +25,7 @@ from gateway.chain.keeper import Keeper
 from gateway.chain.outbox import Outbox, OutboxRow
 from gateway.chain.receipts import REQUEST_HEADER, ReceiptTerms, sign_as_sink, sink_signature_valid, task_id_for
 from gateway.chain.weights import ChainWeightSource
+from pura.layout import TASK_SCALE
 from gateway.config import ChainConfig, ProviderConfig, RoutingConfig
 
 log = logging.getLogger("pura.chain")
@@ -209,7 +210,7 @@ class ChainService:
             "sinks": [
                 {"provider": v.provider, "tier": v.tier, "sink": v.sink, "units": v.units,
                  "backlog_epochs": (v.backlog / v.capacity) if v.capacity else 0.0,
-                 "capacity_tasks": v.capacity / 1e9, "price": v.price, "unclaimed": v.unclaimed}
+                 "capacity_tasks": v.capacity / TASK_SCALE, "price": v.price, "unclaimed": v.unclaimed}
                 for v in self.weights.state.sinks
             ],
             "escrow_pressure_wad": self.weights.state.escrow_pressure,

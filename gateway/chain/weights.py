@@ -1,7 +1,7 @@
 """Routing weights read from the pools: one input of the router (gateway.routing.weights).
 
 Every refresh reads, for each (provider, tier) bound to a sink and a task type, the sink's
-position in the pool (units, backlog), its smoothed capacity and its quoted price, plus each
+position in the pool (smoothed capacity, units, backlog, unclaimed) and its quoted price, plus each
 task type's escrow pressure, in ONE batched JSON-RPC round trip with a timeout. The router's
 weight for a provider in a tier is its pool units in that tier's task type.
 
@@ -30,8 +30,8 @@ class SinkView:
     task_type: str
     sink: str
     units: int
-    backlog: int  # tasks * 1e9
-    capacity: int  # tasks * 1e9
+    backlog: int  # tasks * pura.layout.TASK_SCALE
+    capacity: int  # tasks * pura.layout.TASK_SCALE
     unclaimed: int
     price: int
 
@@ -94,7 +94,6 @@ class ChainWeightSource:
         for _provider, _tier, tt, sink in self.bindings:
             tid = bytes.fromhex(tt[2:])
             calls.append(pool.functions.position(tid, sink))
-            calls.append(pool.functions.backlog_of(tid, sink))
             calls.append(pricing.functions.price(tid, sink))
         task_types = sorted({b[2] for b in self.bindings})
         for tt in task_types:
@@ -103,10 +102,11 @@ class ChainWeightSource:
         results = await self.client.read_many(calls)
         state = ChainState(as_of=time.time())
         for k, (provider, tier, tt, sink) in enumerate(self.bindings):
-            position, (backlog, capacity), price = results[3 * k], results[3 * k + 1], results[3 * k + 2]
-            state.sinks.append(SinkView(provider, tier, tt, sink, int(position[1]), int(backlog), int(capacity),
-                                        int(position[3]), int(price)))
-        base = 3 * len(self.bindings)
+            # Position = (slot, capacity, units, backlog, unclaimed, owed)
+            position, price = results[2 * k], results[2 * k + 1]
+            state.sinks.append(SinkView(provider, tier, tt, sink, int(position[2]), int(position[3]),
+                                        int(position[1]), int(position[4]), int(price)))
+        base = 2 * len(self.bindings)
         for j, tt in enumerate(task_types):
             state.escrow_pressure[tt] = int(results[base + 2 * j])
             state.base_fee[tt] = int(results[base + 2 * j + 1])

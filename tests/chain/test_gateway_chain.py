@@ -13,6 +13,7 @@ from ape import chain
 
 from .conftest import CHEAP, TcpProxy, drained, gateway, run_epoch, status, wait_until
 from gateway.chain.abi import CONTRACTS, abi, compiled
+from pura.layout import decode_hot
 
 
 def ask(client, i, stream=False):
@@ -59,7 +60,7 @@ def test_receipts_land_and_credit_the_right_sinks(stack, accounts):
     assert len({e.nonce for e in events}) == 24
     assert p.tracker.total_verified(CHEAP) == sum(e.amount for e in events) > 0
     # the verified money is in the sinks' backlogs (negative x = credit ahead of pay)
-    credited = sum(-min(0, ((p.pool.hot_word(CHEAP, i) >> 64) & (2**96 - 1)) - 2**95) for i in range(3))
+    credited = sum(-min(0, decode_hot(p.pool.hot_word(CHEAP, i)).x) for i in range(3))
     assert credited > 0
 
 

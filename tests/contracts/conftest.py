@@ -12,6 +12,7 @@ from ape.exceptions import ContractLogicError, TransactionError
 from ape import chain
 from hypothesis import HealthCheck, settings
 
+from pura import layout
 from pura.deploy import deploy_protocol
 from pura.params import ProtocolParams, TaskTypeParams
 from pura.signing import Attestation, Receipt, task_type_id
@@ -293,8 +294,8 @@ def warm_market(proto, sinks, capacities, clock, keeper, *, task=CHEAP, bond_per
 
 
 def absorbable(proto, task, units_total):
-    """Money the sinks absorb next period: units * current fee / 1e9."""
-    return units_total * proto.pricing.base_fee(task) // 10**9
+    """Money the sinks absorb next period: units * current fee / TASK_SCALE."""
+    return layout.absorbable(units_total, proto.pricing.base_fee(task))
 
 
 def split(amount, units):
@@ -306,12 +307,18 @@ def split(amount, units):
 
 def hot(pool, task, slot):
     """Decodes the pool's packed per-slot word."""
-    w = pool.hot_word(task, slot)
+    h = layout.decode_hot(pool.hot_word(task, slot))
     return {
-        "units": w & (2**62 - 1),
-        "sat": (w >> 62) & 1,
-        "mark": (w >> 63) & 1,
-        "backlog": max(0, ((w >> 64) & (2**96 - 1)) - 2**95),
-        "x": ((w >> 64) & (2**96 - 1)) - 2**95,
-        "unclaimed": w >> 160,
+        "capacity": h.capacity,
+        "units": h.units,
+        "sat": int(h.saturated),
+        "mark": int(h.marked),
+        "backlog": h.backlog,
+        "x": h.x,
+        "unclaimed": h.unclaimed,
     }
+
+
+def smoothed(pool, sink, task=CHEAP):
+    """The pool's smoothed capacity of `sink` (tasks * TASK_SCALE, as of the last rebalance)."""
+    return pool.position(task, sink).capacity

@@ -7,7 +7,8 @@ from eth_utils import keccak
 
 from pura.signing import Attestation
 
-from .conftest import CHEAP, PREMIUM, USDC, WAD, own_events
+from .conftest import CHEAP, PREMIUM, USDC, WAD, own_events, smoothed
+from pura.layout import TASK_SCALE
 
 EXPIRED, NOT_REGISTERED, STALE, BAD_SIG = 1, 2, 3, 4
 
@@ -37,8 +38,11 @@ def test_relayed_batch_declares_for_each_sink(registry, signer, sink_a, sink_b, 
     ]
     assert [Attestation.unpack_head(h)[:3] for h in own_events(tx, registry)[0].heads] == [
         (sink_a.address, 150, 1), (sink_b.address, 500, 1)]
-    assert registry.capacity_state(CHEAP, 0).declared == 150
-    assert registry.capacity_state(CHEAP, 1).nonce == 1
+    assert registry.sink_state(CHEAP, sink_a) == (1, 150, 200, 1)
+    assert registry.sink_state(CHEAP, sink_b) == (2, 500, 200, 1)
+    # the published targets: 150 under the cap of 200; 500 clamped to the cap
+    assert registry.target_of(CHEAP, 0) == (150, 1)
+    assert registry.target_of(CHEAP, 1) == (200, 1)
 
 
 def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, stranger, relayer):
@@ -59,8 +63,9 @@ def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, 
         (sink_a.address, 5, BAD_SIG), (sink_a.address, 6, STALE),
         (sink_a.address, 5, STALE),
     ]
-    st = registry.capacity_state(CHEAP, 0)
+    st = registry.sink_state(CHEAP, sink_a)
     assert (st.declared, st.nonce) == (30, 6)
+    assert registry.target_of(CHEAP, 0) == (30, 1)
 
 
 def test_attestation_for_another_task_type_does_not_transfer(registry, signer, sink_a, relayer):
@@ -73,26 +78,47 @@ def test_attestation_for_another_task_type_does_not_transfer(registry, signer, s
     assert rejected(tx, registry) == [(sink_a.address, 1, BAD_SIG)]
 
 
-def test_burst_of_attestations_moves_the_signal_one_step(registry, signer, sink_a, relayer, clock):
+def test_burst_of_attestations_moves_the_signal_one_step(registry, pool, signer, sink_a, relayer, clock, keeper):
     """The anchor let k attestations in one batch move the signal by 1 - 0.7^k; here a
     burst only replaces the target, and the signal steps once per epoch."""
     registry.register_sink(CHEAP, 1000 * USDC, 100, sender=sink_a)
-    clock.next_epoch(60)
-    s0 = registry.smoothed_capacity_wad(CHEAP, sink_a)
-    assert registry.smoothed_capacity(CHEAP, sink_a) == 100
+    clock.next_epoch(200)
+    pool.rebalance(CHEAP, sender=keeper)
+    s0 = smoothed(pool, sink_a)
+    assert s0 == 100 * TASK_SCALE
     batch = [signer.attestation(sink_a, 1000, n)[1] for n in range(1, 11)]
     registry.submit_attestations(CHEAP, batch, sender=relayer)
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == s0
+    assert smoothed(pool, sink_a) == s0
     clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
     # one step: 0.3 * 1000 + 0.7 * s0 (the gap rounds toward the target)
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 1000 * WAD - (1000 * WAD - s0) * 7 // 10
+    assert smoothed(pool, sink_a) == 1000 * TASK_SCALE - (1000 * TASK_SCALE - s0) * 7 // 10
 
 
-def test_attested_capacity_is_clamped_to_the_bond(registry, signer, sink_a, relayer, clock):
+def test_attested_capacity_is_clamped_to_the_bond(registry, pool, signer, sink_a, relayer, clock, keeper):
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
     registry.submit_attestations(CHEAP, [signer.attestation(sink_a, 2**32 - 1, 1)[1]], sender=relayer)
-    clock.next_epoch(80)
-    assert registry.smoothed_capacity(CHEAP, sink_a) == 100
+    assert registry.target_of(CHEAP, 0) == (100, 1)
+    clock.next_epoch(200)
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 100 * TASK_SCALE
+
+
+def test_nonce_survives_leaving_so_old_attestations_cannot_be_replayed(registry, pool, signer, sink_a,
+                                                                       relayer, keeper, clock):
+    """A sink that leaves and comes back keeps its last accepted nonce: an attestation it
+    signed in its earlier membership (still within its deadline) is stale, not replayable."""
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    _, old = signer.attestation(sink_a, 90, 3)
+    assert registry.submit_attestations.call(CHEAP, [old], sender=relayer) == 1
+    registry.submit_attestations(CHEAP, [old], sender=relayer)
+    registry.deregister_sink(CHEAP, sender=sink_a)
+    assert registry.sink_state(CHEAP, sink_a) == (0, 0, 0, 3)
+    registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
+    assert registry.sink_state(CHEAP, sink_a).nonce == 3
+    tx = registry.submit_attestations(CHEAP, [old], sender=relayer)
+    assert rejected(tx, registry) == [(sink_a.address, 3, STALE)]
+    assert registry.sink_state(CHEAP, sink_a).declared == 10
 
 
 def test_fields_beyond_32_bits_cannot_be_signed_for_relay(sink_a):
@@ -125,4 +151,4 @@ def test_a_relayer_cannot_alter_a_packed_field(registry, signer, sink_a, relayer
     for flip in (1 << 64, 1 << 33, 1 << 8, 1 << 96):  # capacity, nonce, deadline, sink
         tx = registry.submit_attestations(CHEAP, [(head ^ flip, r, vs)], sender=relayer)
         assert [e.reason for e in registry.AttestationRejected.from_receipt(tx)] in ([BAD_SIG], [NOT_REGISTERED])
-    assert registry.capacity_state(CHEAP, 0).nonce == 0
+    assert registry.sink_state(CHEAP, sink_a).nonce == 0

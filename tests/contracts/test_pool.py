@@ -3,7 +3,9 @@
 import ape
 from ape import chain
 
-from .conftest import CHEAP, PREMIUM, USDC, WAD, absorbable, assert_conserved, hot, own_events, split, warm_market
+from .conftest import (CHEAP, PREMIUM, USDC, WAD, absorbable, assert_conserved, hot, own_events, smoothed, split,
+                       warm_market)
+from pura.layout import TASK_SCALE
 
 
 def test_constructor_and_wiring(pool, registry, pricing, escrow, tracker, token):
@@ -151,8 +153,8 @@ def test_rebalance_guards(pool, keeper, clock):
 def test_units_follow_smoothed_capacity(proto, pool, registry, sink_a, sink_b, sink_c, clock, keeper):
     warm_market(proto, [sink_a, sink_b, sink_c], [100, 200, 300], clock, keeper)
     for slot, sink in enumerate([sink_a, sink_b, sink_c]):
-        s = registry.smoothed_capacity_wad(CHEAP, sink)
-        assert hot(pool, CHEAP, slot)["units"] == s // 10**9
+        h = hot(pool, CHEAP, slot)
+        assert h["units"] == h["capacity"] == pool.position(CHEAP, sink).capacity > 0
     assert pool.pools(CHEAP).total_units == sum(hot(pool, CHEAP, i)["units"] for i in range(3))
 
 
@@ -181,7 +183,7 @@ def test_idle_sink_is_never_penalised(proto, pool, registry, sink_a, sink_b, clo
     for slot, sink in enumerate([sink_a, sink_b]):
         h = hot(pool, CHEAP, slot)
         assert h["backlog"] == 0 and h["mark"] == 0
-        assert h["units"] == registry.smoothed_capacity_wad(CHEAP, sink) // 10**9
+        assert h["units"] == h["capacity"] == smoothed(pool, sink)
     assert registry.bonds(CHEAP, sink_a).bonded == 100 * USDC
 
 
@@ -272,8 +274,8 @@ def test_drain_without_spare_reverts(pool, stranger):
 
 
 def pool_capacity(proto, sink):
-    """Smoothed capacity now, in the pool's unit (tasks * 1e9)."""
-    return proto.registry.smoothed_capacity_wad(CHEAP, sink) // 10**9
+    """Smoothed capacity as of the last rebalance, in the pool's unit (tasks * TASK_SCALE)."""
+    return smoothed(proto.pool, sink)
 
 
 def _stream_for(pool, funder, per_epoch):
@@ -293,7 +295,7 @@ def test_unverified_payment_builds_backlog_and_lowers_weight(proto, pool, sink_a
     for i in range(2):
         # paid, nothing verified: the whole payment is backlog, in tasks at the period's fee
         assert h[i]["unclaimed"] > 0
-        assert h[i]["backlog"] == h[i]["unclaimed"] * 10**9 // fee
+        assert h[i]["backlog"] == h[i]["unclaimed"] * TASK_SCALE // fee
         capacity = pool_capacity(proto, [sink_a, sink_b][i])
         assert h[i]["units"] == capacity - h[i]["backlog"] * 10_000 // 20_000 < u0[i]
 
@@ -318,8 +320,8 @@ def test_receipts_clear_backlog_and_the_share_moves_to_the_worker(proto, pool, t
         shares.append(units[1] / sum(units))
     # sink_a stays near full weight: its only backlog is pot money (escrow drained back
     # in) that reached it before the funder vouched for it
-    assert hot(pool, CHEAP, 0)["backlog"] <= 10 * 10**9
-    assert hot(pool, CHEAP, 0)["units"] >= 90 * 10**9
+    assert hot(pool, CHEAP, 0)["backlog"] <= 10 * TASK_SCALE
+    assert hot(pool, CHEAP, 0)["units"] >= 90 * TASK_SCALE
     assert shares[0] < 0.5 and shares[-1] < 0.05, shares
     assert all(b < a for a, b in zip(shares, shares[1:])), shares
 

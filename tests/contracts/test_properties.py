@@ -9,6 +9,8 @@ from ape import chain
 from hypothesis import assume, example, given, settings, strategies as st
 
 from .conftest import CHEAP, USDC, WAD, hot, split, warm_market
+from pura import layout
+from pura.layout import TASK_SCALE
 
 BPS = 10_000
 
@@ -80,7 +82,7 @@ def test_ewma_no_time_no_change(harness):
 
 # ------------------------------------------------------------------ backpressure weight
 
-cap_units = st.integers(0, (2**32 - 1) * 10**9)
+cap_units = st.integers(0, (2**32 - 1) * TASK_SCALE)
 tolerance = st.integers(1_000, 100_000)
 
 
@@ -100,12 +102,12 @@ def test_weight_falls_monotonically_with_backlog(harness, c, q1, q2, tol):
 def test_weight_is_zero_at_the_backlog_cap(harness, c, tol):
     """At H epochs of backlog the weight is exactly 0 (within the cap's rounding)."""
     cap = harness.backlog_cap(c, tol)
-    # the cap rounds down, so at most BPS / tol + 1 units (1e-9 task each) remain
+    # the cap rounds down, so at most BPS / tol + 1 units (1e-5 task each) remain
     assert harness.units(c, cap, tol) <= BPS // tol + 2
     assert harness.units(c, cap + tol // BPS + 2, tol) == 0
 
 
-@given(c=st.integers(1, (2**32 - 1) * 10**9), q=st.integers(0, 2**95), tol=tolerance)
+@given(c=st.integers(1, (2**32 - 1) * TASK_SCALE), q=st.integers(0, 2**95), tol=tolerance)
 def test_weight_formula(harness, c, q, tol):
     """w = Cbar * max(0, 1 - (Q / Cbar) / H) = max(0, Cbar - Q / H), to one unit."""
     ideal = max(Fraction(0), c - Fraction(q * BPS, tol))
@@ -115,7 +117,7 @@ def test_weight_formula(harness, c, q, tol):
 @given(amount=st.integers(0, 2**96 - 1), fee=st.integers(1, 2**96 - 1))
 def test_money_to_tasks_rounds_down(harness, amount, fee):
     got = harness.to_tasks(amount, fee)
-    assert got == amount * 10**9 // fee
+    assert got == amount * TASK_SCALE // fee
 
 
 # ------------------------------------------------------------------ fee controller
@@ -166,9 +168,11 @@ def test_stake_cap_is_linear_in_the_bond(proto, owner, accounts, bond, spu, decl
         reg.create_task_type(tid, spu, spu, sender=owner)
         sink = accounts[12]
         reg.register_sink(tid, bond * spu + spu - 1, declared, sender=sink)
-        st_ = reg.capacity_state(tid, 0)
+        st_ = reg.sink_state(tid, sink)
+        tg = reg.target_of(tid, 0)
     assert st_.cap == min(bond, 2**32 - 1)
     assert st_.declared == min(declared, 2**32 - 1)
+    assert tg.target == min(st_.cap, st_.declared) and tg.status == 1
     # splitting the bond across k identities never yields more total cap
     for k in (2, 3, 7):
         parts = [(bond * spu) // k] * (k - 1) + [bond * spu - (bond * spu) // k * (k - 1)]
@@ -196,7 +200,7 @@ def _check_split(proto, clock, keeper, accounts, caps, amount, rate, seconds):
     proto.pool.distribute(CHEAP, amount, sender=funder)
     clock.sleep(seconds)
     carry = proto.pool.pools(CHEAP).pending - amount - (proto.pool.stream_of(CHEAP, funder_b).contrib if rate else 0)
-    absorbable = sum(units) * proto.pricing.base_fee(CHEAP) // 10**9
+    absorbable = layout.absorbable(sum(units), proto.pricing.base_fee(CHEAP))
     clock.next_epoch()
     tx = proto.pool.rebalance(CHEAP, sender=keeper)
     ev = proto.pool.Rebalanced.from_receipt(tx)[0]

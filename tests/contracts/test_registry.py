@@ -1,10 +1,12 @@
-"""CapacityRegistry: every external function, every revert message, linear caps, EWMA."""
+"""CapacityRegistry: every external function, every revert message, linear caps, the published
+targets, and the EWMA the pool applies to them."""
 
 import ape
 import pytest
 from ape import chain
 
-from .conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events
+from .conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, own_events, smoothed
+from pura.layout import TASK_SCALE
 from pura.signing import task_type_id
 
 ALPHA = 3 * 10**17
@@ -110,8 +112,8 @@ def test_register_sink(registry, token, sink_a, proto):
     assert registry.slot_of(CHEAP, sink_a) == 1
     assert registry.member_at(CHEAP, 0) == sink_a.address
     assert registry.bonds(CHEAP, sink_a) == (150 * USDC, 0, 0)
-    st = registry.capacity_state(CHEAP, 0)
-    assert (st.s, st.declared, st.cap, st.status) == (0, 120, 150, 1)
+    assert registry.sink_state(CHEAP, sink_a) == (1, 120, 150, 0)
+    assert registry.target_of(CHEAP, 0) == (120, 1)
     assert registry.SinkRegistered(task_type=CHEAP, sink=sink_a.address, slot=0, bond=150 * USDC, declared=120) in own_events(tx, registry)
     assert registry.CapacityDeclared(task_type=CHEAP, sink=sink_a.address, declared=120, nonce=0) in own_events(tx, registry)
     assert_conserved(proto)
@@ -160,19 +162,23 @@ def test_sink_set_is_bounded_at_64(registry, token, owner, accounts):
 # ------------------------------------------------------------------ linear cap
 
 
-def test_capacity_is_capped_linearly_by_bond(registry, sink_a, sink_b, clock):
+def test_capacity_is_capped_linearly_by_bond(registry, pool, sink_a, sink_b, clock, keeper):
     registry.register_sink(CHEAP, 300 * USDC, 10**9, sender=sink_a)  # cap = 300
-    st = registry.capacity_state(CHEAP, 0)
+    st = registry.sink_state(CHEAP, sink_a)
     assert st.cap == 300 and st.declared == 10**9
-    clock.next_epoch(50)
-    assert registry.smoothed_capacity(CHEAP, sink_a) == 300
+    # the cap binds: the published target is the cap
+    assert registry.target_of(CHEAP, 0) == (300, 1)
+    clock.next_epoch(200)
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 300 * TASK_SCALE
     # splitting the same 300 into three identities of 100 gives the same total cap
     assert sum([100 // 1, 100 // 1, 100 // 1]) == 300
 
 
 def test_declared_capacity_above_max_is_clamped(registry, sink_a):
     registry.register_sink(CHEAP, 100 * USDC, 2**200, sender=sink_a)
-    assert registry.capacity_state(CHEAP, 0).declared == 2**32 - 1
+    assert registry.sink_state(CHEAP, sink_a).declared == 2**32 - 1
+    assert registry.target_of(CHEAP, 0) == (100, 1)
 
 
 def test_capacities_view_reports_status(registry, sink_a, sink_b, clock):
@@ -182,44 +188,121 @@ def test_capacities_view_reports_status(registry, sink_a, sink_b, clock):
     registry.deregister_sink(CHEAP, sender=sink_b)
     n, words = registry.capacities(CHEAP)
     assert n == 2 and len(words) == 64 and not any(words[2:])
-    assert words[0] >> 248 == 1 and words[0] & (2**96 - 1) == 15 * WAD
+    # target 50 (declared below the cap of 100), active
+    assert words[0] == 50 | (1 << 248)
+    # leaving: no target
     assert words[1] == 2 << 248
 
 
-# ------------------------------------------------------------------ EWMA
+def test_capacities_view_packs_seven_slots_per_word(registry, token, owner, accounts):
+    """Every slot's entry round-trips through the packing, across word boundaries (slots
+    6/7, 13/14, ...), with targets at the field's bounds, active or leaving."""
+    sinks = []
+    for k in range(16):
+        a = accounts.generate_test_account()
+        chain.set_balance(a.address, 10**20)
+        bond = (100 + k) * USDC
+        token.mint(a, bond, sender=owner)
+        token.approve(registry, bond, sender=a)
+        declared = [2**32 - 1, 0, 100 + k, 1][k % 4]
+        registry.register_sink(CHEAP, bond, declared, sender=a)
+        sinks.append((a, declared, 100 + k))
+    registry.deregister_sink(CHEAP, sender=sinks[7][0])
+    registry.deregister_sink(CHEAP, sender=sinks[13][0])
+    n, words = registry.capacities(CHEAP)
+    assert n == 16
+    for i, (a, declared, cap) in enumerate(sinks):
+        if i in (7, 13):
+            assert words[i] == 2 << 248
+            assert registry.target_of(CHEAP, i) == (0, 2)
+            continue
+        target = min(declared, cap)
+        assert words[i] == target | (1 << 248), i
+        assert registry.target_of(CHEAP, i) == (target, 1)
+    with ape.reverts("registry: slot out of range"):
+        registry.target_of(CHEAP, 64)
 
 
-def test_ewma_starts_at_zero_and_steps_once_per_epoch(registry, sink_a, clock):
+# ------------------------------------------------------------------ EWMA (applied by the pool)
+
+
+def test_ewma_starts_at_zero_and_steps_once_per_epoch(registry, pool, sink_a, clock, keeper):
+    pool.rebalance(CHEAP, sender=keeper)
     registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_a)
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 0
     # many declarations inside one epoch: only the last is the target, nothing moves now
     for c in (150, 10, 100):
         registry.declare_capacity(CHEAP, c, sender=sink_a)
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 0
+    assert smoothed(pool, sink_a) == 0
     clock.next_epoch()
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 30 * WAD
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 30 * TASK_SCALE
     clock.next_epoch()
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 51 * WAD
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 51 * TASK_SCALE
     registry.declare_capacity(CHEAP, 200, sender=sink_a)
     registry.declare_capacity(CHEAP, 200, sender=sink_a)
     clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
     # 0.3 * 200 + 0.7 * 51 = 95.7
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 957 * WAD // 10
+    assert smoothed(pool, sink_a) == 957 * TASK_SCALE // 10
+    # two epochs without a rebalance: two steps at once, 200 - (200 - 95.7) * 0.49 = 148.893
+    clock.next_epoch(2)
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 148_893 * TASK_SCALE // 1000
 
 
-def test_ewma_reaches_target_exactly(registry, sink_a, clock):
+def test_first_rebalance_counts_epochs_from_zero(registry, pool, sink_a, sink_b, clock, keeper):
+    """A market's first rebalance steps every signal once per epoch since epoch 0; a sink that
+    registers after it starts from zero like any other."""
+    start = clock.epoch()
+    registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_a)
+    clock.next_epoch(2)
+    pool.rebalance(CHEAP, sender=keeper)
+    gap = clock.epoch()
+    assert gap >= start + 2
+    expected = 100 * TASK_SCALE - 100 * TASK_SCALE * pow_wad(7 * 10**17, gap) // WAD
+    assert smoothed(pool, sink_a) == expected
+    registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_b)
+    assert smoothed(pool, sink_b) == 0
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_b) == 30 * TASK_SCALE
+
+
+def pow_wad(base, n):
+    """(base / WAD)^n in WAD, every product floored (ewma._decay)."""
+    if n == 1:
+        return base
+    result, b = WAD, base
+    while n:
+        if n & 1:
+            result = result * b // WAD
+        n >>= 1
+        if n:
+            b = b * b // WAD
+    return result
+
+
+def test_ewma_reaches_target_exactly(registry, pool, sink_a, clock, keeper):
+    pool.rebalance(CHEAP, sender=keeper)
     registry.register_sink(CHEAP, 1000 * USDC, 997, sender=sink_a)
     e = 0
-    while registry.smoothed_capacity_wad(CHEAP, sink_a) != 997 * WAD:
+    while smoothed(pool, sink_a) != 997 * TASK_SCALE:
         clock.next_epoch()
+        pool.rebalance(CHEAP, sender=keeper)
         e += 1
         assert e < 200
-    # the integer view reaches the target much earlier (rounded to nearest)
-    assert registry.smoothed_capacity(CHEAP, sink_a) == 997
-    # and downward too
+    # a fall is not smoothed: less declared capacity stops earning at the next rebalance
     registry.declare_capacity(CHEAP, 3, sender=sink_a)
-    clock.next_epoch(300)
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 3 * WAD
+    assert smoothed(pool, sink_a) == 997 * TASK_SCALE
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 3 * TASK_SCALE
+    # and a rise from there is smoothed again
+    registry.declare_capacity(CHEAP, 103, sender=sink_a)
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 33 * TASK_SCALE
 
 
 def test_declare_capacity_reverts_when_not_registered(registry, stranger):
@@ -239,7 +322,8 @@ def test_declare_capacity_event(registry, sink_a):
 def test_add_bond_raises_cap(registry, sink_a, proto):
     registry.register_sink(CHEAP, 100 * USDC, 500, sender=sink_a)
     tx = registry.add_bond(CHEAP, 50 * USDC, sender=sink_a)
-    assert registry.capacity_state(CHEAP, 0).cap == 150
+    assert registry.sink_state(CHEAP, sink_a).cap == 150
+    assert registry.target_of(CHEAP, 0) == (150, 1)
     assert registry.bonds(CHEAP, sink_a).bonded == 150 * USDC
     assert own_events(tx, registry) == [registry.BondAdded(task_type=CHEAP, sink=sink_a.address, amount=50 * USDC, bonded=150 * USDC)]
     assert_conserved(proto)
@@ -253,14 +337,20 @@ def test_add_bond_reverts(registry, sink_a, stranger):
         registry.add_bond(CHEAP, 0, sender=sink_a)
 
 
-def test_request_unbond_drops_cap_at_once(registry, sink_a, clock):
+def test_request_unbond_drops_cap_at_once(registry, pool, sink_a, clock, keeper):
     registry.register_sink(CHEAP, 300 * USDC, 300, sender=sink_a)
-    clock.next_epoch(60)
-    assert registry.smoothed_capacity(CHEAP, sink_a) == 300
+    clock.next_epoch(200)
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 300 * TASK_SCALE
     tx = registry.request_unbond(CHEAP, 150 * USDC, sender=sink_a)
     release = chain.blocks.head.timestamp + 7 * 86400
-    # the cap and the smoothed signal drop in the same transaction
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 150 * WAD
+    # the cap drops in the same transaction; the pool's signal falls to it at the next
+    # rebalance (falls are not smoothed)
+    assert registry.sink_state(CHEAP, sink_a).cap == 150
+    assert registry.target_of(CHEAP, 0) == (150, 1)
+    clock.next_epoch()
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) == 150 * TASK_SCALE
     assert registry.bonds(CHEAP, sink_a) == (150 * USDC, 150 * USDC, release)
     assert own_events(tx, registry) == [registry.UnbondRequested(task_type=CHEAP, sink=sink_a.address, amount=150 * USDC,
                                                   unbonding=150 * USDC, release=release)]
@@ -293,16 +383,17 @@ def test_withdraw_unbonded_after_period(registry, token, sink_a, clock, proto):
     assert_conserved(proto)
 
 
-def test_deregister_zeroes_capacity_and_unbonds_everything(registry, sink_a, clock):
+def test_deregister_zeroes_capacity_and_unbonds_everything(registry, pool, sink_a, clock, keeper):
     registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_a)
     clock.next_epoch(5)
-    assert registry.smoothed_capacity(CHEAP, sink_a) > 0
+    pool.rebalance(CHEAP, sender=keeper)
+    assert smoothed(pool, sink_a) > 0
     tx = registry.deregister_sink(CHEAP, sender=sink_a)
     release = chain.blocks.head.timestamp + 7 * 86400
-    assert registry.smoothed_capacity_wad(CHEAP, sink_a) == 0
+    assert registry.sink_state(CHEAP, sink_a) == (0, 0, 0, 0)
     assert registry.slot_of(CHEAP, sink_a) == 0
     assert registry.member_at(CHEAP, 0) == sink_a.address  # until the pool releases the slot
-    assert registry.capacity_state(CHEAP, 0).status == 2
+    assert registry.target_of(CHEAP, 0) == (0, 2)
     assert registry.bonds(CHEAP, sink_a) == (0, 200 * USDC, release)
     assert own_events(tx, registry) == [registry.SinkDeregistered(task_type=CHEAP, sink=sink_a.address, slot=0,
                                                    unbonding=200 * USDC, release=release)]

@@ -15,6 +15,7 @@ from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 
 from .conftest import CHEAP, PREMIUM, USDC, WAD, hot, warm_market
+from pura.layout import TASK_SCALE
 
 LONG = os.environ.get("PURA_HYPOTHESIS_PROFILE") == "long"
 MACHINE = settings(max_examples=60 if LONG else 5, stateful_step_count=80 if LONG else 25)
@@ -173,15 +174,17 @@ class PoolEscrowMachine(RuleBasedStateMachine):
             with ape.reverts("pool: rebalance not due"):
                 pool.rebalance(CHEAP, sender=self.keeper)
             self.clock.next_epoch()
-        pool.rebalance(CHEAP, sender=self.keeper)
         reg = self.p.registry
+        # what the rebalance reads (a slash inside it may lower a target afterwards)
+        targets = [reg.target_of(CHEAP, i) for i in range(reg.slot_count(CHEAP))]
+        pool.rebalance(CHEAP, sender=self.keeper)
         for i in range(reg.slot_count(CHEAP)):
-            status = reg.capacity_state(CHEAP, i).status
-            if status != 1:  # free (released) or leaving: no units, nothing owed on the slot
+            if reg.target_of(CHEAP, i).status != 1:  # free (released) or leaving: no units, nothing owed on the slot
                 assert pool.hot_word(CHEAP, i) == 0
             else:
-                cap = reg.smoothed_capacity_wad(CHEAP, reg.member_at(CHEAP, i)) // 10**9
-                assert hot(pool, CHEAP, i)["units"] <= cap
+                # units <= smoothed capacity <= the target it read (falls are at once)
+                h = hot(pool, CHEAP, i)
+                assert h["units"] <= h["capacity"] <= targets[i].target * TASK_SCALE
 
     @rule()
     def drain(self):
@@ -350,13 +353,14 @@ class RegistryTrackerMachine(RuleBasedStateMachine):
         _, arg = self.signer.attestation(sink, c, nonce, key=key)
         reg = self.p.registry
         sp1 = reg.slot_of(CHEAP, sink)
-        stored = reg.capacity_state(CHEAP, sp1 - 1).nonce if sp1 else None
+        stored = reg.sink_state(CHEAP, sink).nonce if sp1 else None
         tx = reg.submit_attestations(CHEAP, [arg], sender=self.relayer)
         accepted = bool(reg.CapacitiesAttested.from_receipt(tx))
         assert accepted == (sp1 != 0 and not forged and nonce > stored)
         if accepted:
             self.att_nonce[sink.address] = nonce
-            assert reg.capacity_state(CHEAP, sp1 - 1).declared == c
+            assert reg.sink_state(CHEAP, sink).declared == c
+            assert reg.target_of(CHEAP, sp1 - 1).target == min(c, reg.sink_state(CHEAP, sink).cap)
 
     @rule(s=st.integers(0, 3), frac=st.integers(1, 50), attack=st.sampled_from(["none", "sink", "source", "replay"]))
     def receipt(self, s, frac, attack):
@@ -402,9 +406,9 @@ class RegistryTrackerMachine(RuleBasedStateMachine):
             assert [on_chain.bonded, on_chain.unbonding] == self.bonds[sink.address]
             sp1 = reg.slot_of(CHEAP, sink)
             if sp1:
-                st_ = reg.capacity_state(CHEAP, sp1 - 1)
+                st_ = reg.sink_state(CHEAP, sink)
                 assert st_.cap == min(on_chain.bonded // USDC, 2**32 - 1)
-                assert reg.smoothed_capacity_wad(CHEAP, sink) <= st_.cap * WAD
+                assert reg.target_of(CHEAP, sp1 - 1) == (min(st_.declared, st_.cap), 1)
 
     @invariant()
     def no_receipt_counted_twice(self):

@@ -7,6 +7,7 @@ from eth_account import Account
 from eth_utils import keccak
 
 from .conftest import CHEAP, PREMIUM, USDC, hot, own_events, warm_market
+from pura.layout import TASK_SCALE
 from pura.signing import Receipt, sign_digest
 
 SECP_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
@@ -62,7 +63,7 @@ def test_valid_receipt_is_recorded_and_credited(market, tracker, pool, pricing, 
                                    task_id=r.task_id, amount=250_000) in own_events(tx, tracker)
     assert tracker.nonce_used(funder, r.nonce)
     assert tracker.total_verified(CHEAP) == 250_000
-    assert hot(pool, CHEAP, 0)["x"] == x_before - 250_000 * 10**9 // fee
+    assert hot(pool, CHEAP, 0)["x"] == x_before - 250_000 * TASK_SCALE // fee
     assert pool.credit_of(CHEAP, funder)[1] == 250_000
 
 

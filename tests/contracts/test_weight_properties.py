@@ -90,7 +90,7 @@ def test_p2_an_idle_sink_is_never_penalised(proto, accounts, clock, signer, caps
         for i, sink in enumerate(m.sinks):
             h = hot(proto.pool, CHEAP, i)
             assert h["backlog"] == 0
-            assert h["units"] == proto.registry.smoothed_capacity_wad(CHEAP, sink) // 10**9
+            assert h["units"] == h["capacity"] == proto.pool.position(CHEAP, sink).capacity
         assert proto.registry.treasury_accrued() == 0
 
 
@@ -126,7 +126,6 @@ def test_p4_honest_sinks_below_capacity_waste_nothing(proto, accounts, clock, si
         assert proto.escrow.level(CHEAP) == 0  # nothing overflowed
         for i, sink in enumerate(m.sinks):
             h = hot(proto.pool, CHEAP, i)
-            cap = proto.registry.smoothed_capacity_wad(CHEAP, sink) // 10**9
-            assert h["units"] >= cap * 99 // 100  # weights stay at capacity
+            assert h["units"] >= h["capacity"] * 99 // 100  # weights stay at capacity
         verified = proto.tracker.total_verified(CHEAP)
         assert verified >= total_pay * 99 // 100  # ~all payment matched by verified work

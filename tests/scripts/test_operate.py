@@ -19,6 +19,7 @@ from eth_account import Account
 from eth_utils import keccak
 
 from .conftest import EPOCH, USDC, Chain, finish, load_json, runtime_code
+from pura.layout import TASK_SCALE
 
 CHEAP = keccak(text="llm.cheap")
 PREMIUM = keccak(text="llm.premium")
@@ -155,8 +156,7 @@ def test_sinks_register_bond_and_declare(local):
         who = acct(local, i)
         assert chain.registry.slot_of(CHEAP, who).call() > 0
         assert chain.registry.bonds(CHEAP, who).call()[0] == bond * USDC
-        slot = chain.registry.slot_of(CHEAP, who).call() - 1
-        assert chain.registry.capacity_state(CHEAP, slot).call()[1] == declared
+        assert chain.registry.sink_state(CHEAP, who).call()[1] == declared
         assert chain.token.allowance(who, reg_addr).call() == 0  # exactly what was needed
         assert chain.token.balanceOf(who).call() == 1_000_000 * USDC - bond * USDC
 
@@ -263,8 +263,7 @@ def test_claims_withdrawals_and_capacity_changes(local):
     assert chain.token.balanceOf(funder).call() == bal_funder + escrowed
     b = acct(local, 3)
     assert chain.registry.bonds(CHEAP, b).call()[0] == 120 * USDC
-    slot = chain.registry.slot_of(CHEAP, b).call() - 1
-    assert chain.registry.capacity_state(CHEAP, slot).call()[1] == 100
+    assert chain.registry.sink_state(CHEAP, b).call()[1] == 100
 
 
 def test_close_stream_and_status(local):
@@ -306,10 +305,11 @@ def test_close_stream_and_status(local):
     for who, r in rows.items():
         pos = chain.pool.position(CHEAP, who).call()
         assert r["bond"] == chain.registry.bonds(CHEAP, who).call()[0]
-        assert r["weight_units"] == pos[1] and r["claimable"] == pos[3] + pos[4]
+        # Position = (slot, capacity, units, backlog, unclaimed, owed)
+        assert r["weight_units"] == pos[2] and r["claimable"] == pos[4] + pos[5]
         assert r["price"] == chain.pricing.price(CHEAP, who).call()
-        assert r["smoothed_capacity"] == chain.registry.smoothed_capacity_wad(CHEAP, who).call() / 10**18
-        total_units += pos[1]
+        assert r["smoothed_capacity"] == pos[1] / TASK_SCALE
+        total_units += pos[2]
     assert total_units > 0 and abs(sum(r["share"] for r in rows.values()) - 1) < 1e-9
 
 

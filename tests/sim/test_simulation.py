@@ -11,6 +11,7 @@ import pytest
 
 from bench.sim_env import Scenario, make_plan, paper_setup
 from bench.sim_model import (
+    TASK_SCALE,
     WAD,
     ModelParams,
     Protocol,
@@ -35,18 +36,18 @@ DECAY = 7 * 10**17  # 1 - alpha, alpha = 0.3
 
 
 def test_weight_is_capacity_minus_backlog_over_h_floored_at_zero():
-    cap = 100 * 10**9  # 100 tasks, in pool units
+    cap = 100 * TASK_SCALE  # 100 tasks, in pool units
     assert weight_units(cap, 0, H_BPS) == cap
-    assert weight_units(cap, 50 * 10**9, H_BPS) == 75 * 10**9  # 100 - 50/2
-    assert weight_units(cap, 200 * 10**9, H_BPS) == 0  # b = H: weight gone
-    assert weight_units(cap, 250 * 10**9, H_BPS) == 0  # floored, never negative
+    assert weight_units(cap, 50 * TASK_SCALE, H_BPS) == 75 * TASK_SCALE  # 100 - 50/2
+    assert weight_units(cap, 200 * TASK_SCALE, H_BPS) == 0  # b = H: weight gone
+    assert weight_units(cap, 250 * TASK_SCALE, H_BPS) == 0  # floored, never negative
     assert weight_units(cap, 3, H_BPS) == cap - 1  # the penalty rounds down (3 / 2 = 1)
-    assert backlog_cap(cap, H_BPS) == 200 * 10**9  # backlog is capped at H epochs
+    assert backlog_cap(cap, H_BPS) == 200 * TASK_SCALE  # backlog is capped at H epochs
 
 
 def test_money_to_tasks_rounds_down_at_the_fee():
-    assert to_tasks(12_345, 10_000) == 1_234_500_000  # 1.2345 tasks
-    assert to_tasks(1, 3) == 333_333_333
+    assert to_tasks(12_345, 10_000) == 123_450  # 1.2345 tasks
+    assert to_tasks(1, 3) == 33_333
 
 
 def test_ewma_steps_once_per_epoch_rounds_toward_the_target_and_reaches_it():
@@ -87,7 +88,7 @@ def _two_sink_market():
         proto.register_sink("t", sink, 1_000, cap, now=1)
     now = 200 * 3600 + 1  # (1 - alpha)^200 is 0 in WAD: the signals sit on their targets
     first = proto.rebalance("t", now)  # sets units; no units in force yet, nothing to split
-    assert first.units == [100 * 10**9, 300 * 10**9]
+    assert first.units == [100 * TASK_SCALE, 300 * TASK_SCALE]
     assert first.new_fee == 8_750  # no demand: one full step down
     proto.token.mint("F", 10**9)
     proto.fund("t", "F", 10**8, 1_000, now)
@@ -105,8 +106,8 @@ def test_one_rebalance_by_hand_split_overflow_backlog_weight_fee():
     assert r.paid == [875_000, 2_625_000]
     assert r.to_escrow == 100_000 and r.stalled == 0
     # A: backlog 875,000 / 8750 = 100 tasks -> weight 100 - 100/2 = 50; B: no backlog
-    assert r.backlog == [100 * 10**9, 0]
-    assert r.units == [50 * 10**9, 300 * 10**9]
+    assert r.backlog == [100 * TASK_SCALE, 0]
+    assert r.units == [50 * TASK_SCALE, 300 * TASK_SCALE]
     # utilisation 3.6M / 3.5M = 10285 bps -> factor 1 + 0.125 * 2285/8000, rounded up
     assert r.new_fee == 9_063
     assert proto.markets["t"].level == 100_000
@@ -121,7 +122,7 @@ def test_an_idle_unpaid_sink_keeps_its_weight_and_a_dead_one_is_slashed_relative
         pay = proto.predict_pay("t", now)
         proto.submit_receipts("t", [("B", "F", pay[1])], now)
         r = proto.rebalance("t", now)
-    assert r.units[0] == 0 and r.units[1] == 300 * 10**9
+    assert r.units[0] == 0 and r.units[1] == 300 * TASK_SCALE
     assert proto.treasury_accrued > 0  # A's backlog beyond 1 epoch past B's (0) was slashed
     bonds = proto.markets["t"].bonds
     assert bonds["B"] == 1_000 and bonds["A"] < 1_000
