@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import click
 
+from pura.layout import decode_hot
+
 from scripts._common import (
     account_option,
     call,
@@ -88,6 +90,6 @@ def cli(network_choice, account_spec, task_names, unbonded, treasury, dry_run):
 def _leaving_balance(reg, pool, tid, me) -> int:
     """Unclaimed balance still in a slot this account is leaving (settled at rebalance)."""
     for slot in range(reg.slot_count(tid)):
-        if reg.member_at(tid, slot).lower() == me.lower() and reg.capacity_state(tid, slot).status == 2:
-            return pool.hot_word(tid, slot) >> 160
+        if reg.member_at(tid, slot).lower() == me.lower() and reg.target_of(tid, slot).status == 2:
+            return decode_hot(pool.hot_word(tid, slot)).unclaimed
     return 0

@@ -102,8 +102,7 @@ def cli(network_choice, account_spec, task_names, capacity, bond_text, add_text,
                 ensure_allowance(d, account, reg, add, sender, dry_run)
                 send(reg, "add_bond", tid, add, label=f"registry.add_bond({name}, {d.fmt(add)})")
             if capacity is not None:
-                slot = reg.slot_of(tid, me) - 1
-                if reg.capacity_state(tid, slot).declared == capacity:
+                if reg.sink_state(tid, me).declared == capacity:
                     echo(f"{name}: capacity {capacity} is already declared; nothing to send")
                 else:
                     send(reg, "declare_capacity", tid, capacity,

@@ -243,7 +243,7 @@ def test_keeper_loop_rebalances_every_epoch(local):
 def test_claims_withdrawals_and_capacity_changes(local):
     w3, chain = local.anvil.w3, local.chain
     sink, funder, idle = acct(local, 2), acct(local, 5), acct(local, 9)
-    owed = chain.pool.position(CHEAP, sink).call()[3]
+    owed = chain.pool.position(CHEAP, sink).call()[4]  # unclaimed
     escrowed = chain.escrow.balance_of(CHEAP, funder).call()
     assert owed > 0 and escrowed > 0
     bal_sink, bal_funder = chain.token.balanceOf(sink).call(), chain.token.balanceOf(funder).call()
@@ -256,7 +256,7 @@ def test_claims_withdrawals_and_capacity_changes(local):
     )
     claim.ok(), nothing.ok(), withdraw.ok(), declare.ok()
     assert chain.token.balanceOf(sink).call() == bal_sink + owed
-    assert chain.pool.position(CHEAP, sink).call()[3] == 0
+    assert chain.pool.position(CHEAP, sink).call()[4] == 0
     assert "nothing to claim; no transaction sent" in nothing.out
     assert w3.eth.get_transaction_count(idle) == n_idle
     assert chain.escrow.balance_of(CHEAP, funder).call() == 0
