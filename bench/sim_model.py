@@ -175,9 +175,11 @@ TaskCfg = TaskTypeParams
 @dataclass
 class Slot:
     sink: str
-    # registry sink word
+    # registry sink word and published entry
     declared: int = 0
     cap: int = 0
+    cut: int = 0  # epoch + 1 of a lowered cap not yet applied by a rebalance
+    hard: bool = False  # the target is also a ceiling for the pool's signal
     # pool hot word
     c: int = 0  # smoothed capacity, tasks * 1e5
     units: int = 0
@@ -276,6 +278,7 @@ class Protocol:
         self.total_bonded += bond
         slot = Slot(sink=sink, declared=min(capacity, MAX_CAPACITY),
                     cap=min(m.bonds[sink] // m.cfg.stake_per_unit, MAX_CAPACITY))
+        slot.hard = slot.cap <= slot.declared
         m.slot_of[sink] = len(m.slots)
         m.slots.append(slot)
         return m.slot_of[sink]
@@ -287,7 +290,20 @@ class Protocol:
         m = self.markets[tt]
         slots, slot_of = m.slots, m.slot_of
         for sink, capacity in decls:
-            slots[slot_of[sink]].declared = capacity if capacity < MAX_CAPACITY else MAX_CAPACITY
+            sl = slots[slot_of[sink]]
+            sl.declared = capacity if capacity < MAX_CAPACITY else MAX_CAPACITY
+            self._publish(m, sl, may_clear=True)
+
+    @staticmethod
+    def _publish(m: Market, sl: Slot, may_clear: bool):
+        """registry._declare: the target is hard while the cap binds or a lowered cap has not
+        been applied by a rebalance in a later epoch (cleared only by a declaration)."""
+        sl.hard = sl.cap <= sl.declared
+        if sl.cut:
+            if may_clear and m.last_epoch_p1 > sl.cut:
+                sl.cut = 0
+            else:
+                sl.hard = True
 
     def _slash(self, tt: str, sink: str, amount: int, now: int) -> int:
         m = self.markets[tt]
@@ -297,10 +313,13 @@ class Protocol:
             m.bonds[sink] = bonded - taken
             self.total_bonded -= taken
             self.treasury_accrued += taken
-            # _set_cap: recompute the cap (the pool clamps its signal at the next rebalance
-            # when the cap binds)
+            # _set_cap: recompute the cap; a lower one is a pending cut (hard target)
             sl = m.slots[m.slot_of[sink]]
-            sl.cap = min(m.bonds[sink] // m.cfg.stake_per_unit, MAX_CAPACITY)
+            cap = min(m.bonds[sink] // m.cfg.stake_per_unit, MAX_CAPACITY)
+            if cap < sl.cap:
+                sl.cut = self.epoch(now) + 1
+            sl.cap = cap
+            self._publish(m, sl, may_clear=False)
         return taken
 
     # ---------------------------------------------------------- pool: funders
@@ -459,8 +478,13 @@ class Protocol:
         f_gap = ewma_decay(epoch + 1 - max(m.last_epoch_p1, 1), self.decay_wad)
         for i, sl in enumerate(m.slots):
             target = (sl.declared if sl.declared < sl.cap else sl.cap) * UNIT_DIV
-            # rises: one EWMA step per epoch; falls: at once
-            c_i = ewma_step(sl.c, target, f_gap) if sl.c < target else target
+            # one EWMA step per elapsed epoch; a hard target is also a ceiling
+            c_i = sl.c
+            if c_i != target:
+                # a signal at 0 (a newcomer) takes one step once the market has rebalanced
+                c_i = ewma_step(c_i, target, self.decay_wad if c_i == 0 and m.last_epoch_p1 else f_gap)
+                if sl.hard and c_i > target:
+                    c_i = target
             sl.c = c_i
             p_i = to_sinks * sl.units // u_eff if u_eff > 0 else 0
             distributed += p_i
@@ -483,7 +507,7 @@ class Protocol:
             sl.unclaimed += p_i
             assert sl.unclaimed <= MASK96
             qcap = c_i * hh // BPS  # backpressure._backlog_cap
-            if q >= qcap and qcap > 0:
+            if q >= qcap and q > 0:
                 sl.sat = True
             if q > qcap:
                 q = qcap

@@ -65,8 +65,8 @@ BPS: constant(uint256) = 10_000
 UNIT_DIV: constant(uint256) = 10**5
 
 # Packed per-slot word (the one pool slot a rebalance touches per sink):
-#   bits   0..48  c: smoothed capacity: rises toward the registry's published target by one
-#                 EWMA step per elapsed epoch, falls to it at once (at each rebalance)
+#   bits   0..48  c: smoothed capacity, one EWMA step per elapsed epoch toward the
+#                 registry's published target (at each rebalance), never above a hard target
 #   bits  49..97  units of the current epoch (<= c)
 #   bit       98  saturated: the backlog reached its cap (H epochs) and no verified work
 #                 has been credited since; the sink's units stay 0 until credit() clears it
@@ -85,6 +85,8 @@ MASK160: constant(uint256) = 2**160 - 1
 SAT_BIT: constant(uint256) = 2**98
 MARK_BIT: constant(uint256) = 2**99
 BIAS: constant(uint256) = 2**59
+# registry.capacities() entry: target (tasks) in bits 0..31, hard at bit 32, status at 248
+HARD_BIT: constant(uint256) = 2**32
 
 STATUS_ACTIVE: constant(uint256) = 1
 STATUS_LEAVING: constant(uint256) = 2
@@ -140,7 +142,7 @@ struct Position:
 #   _cfg:        bits 0..159 tracker | 160..191 tolerance H (BPS) | 192..223 drain share (BPS)
 #   _pot[t]:     bits 0..127 pending (the pot) | 128..255 spare (both money, < 2**128)
 #   _clock[t]:   bits 0..63 last epoch + 1 | 64..159 fee of the last period (< 2**96)
-#                | 160..255 total units (<= 64 * 2**62)
+#                | 160..255 total units (<= 64 * 2**49)
 #   _streams[t][j]: funder; rate; money = remaining (bits 0..95) | contrib (96..191)
 #                   | last settled time (192..255): a settlement writes one word
 _cfg: uint256
@@ -489,8 +491,8 @@ def rebalance(task_type: bytes32) -> uint256:
     hh: uint256 = (cfg >> 160) & MASK32
     thr_bps: uint256 = staticcall tracker.slash_threshold_bps()
     # (1 - alpha)^gap, gap = the epochs since the last rebalance (the real gap, not the pay
-    # catch-up cap; a market's first rebalance counts from epoch 0): a signal below its
-    # target takes one EWMA step per elapsed epoch toward the target published now.
+    # catch-up cap; a market's first rebalance counts from epoch 0): a signal takes one
+    # EWMA step per elapsed epoch toward the target published now (a signal at 0, one step).
     f_gap: uint256 = ewma._decay(epoch + 1 - max(ps.last_epoch_p1, 1), DECAY_WAD)
     words: DynArray[uint256, MAX_SINKS] = []
     suspects: DynArray[Suspect, MAX_SINKS] = []
@@ -512,14 +514,19 @@ def rebalance(task_type: bytes32) -> uint256:
         p_i: uint256 = 0
         if status == STATUS_ACTIVE:
             c_i = w & MASK49
-            # Rises are smoothed (a burst of declarations moves it one step per epoch); falls
-            # are not: less declared capacity, or stake that stopped counting toward the cap,
-            # stops earning at once, and the signal never exceeds the target.
+            # One EWMA step per elapsed epoch (a burst of declarations moves it one step per
+            # epoch). A hard target (the cap binds, or was lowered since the last rebalance)
+            # is also a ceiling: stake that stopped counting stops earning at once.
             target: uint256 = unsafe_mul(cap_word & MASK32, UNIT_DIV)  # < 2**49
-            if c_i < target:
-                c_i = ewma._step(c_i, target, f_gap)  # in [c_i, target]
-            else:
-                c_i = target
+            if c_i != target:
+                # a signal at 0 (a newcomer) takes one step, however long the market was
+                # idle: a new identity earns its weight over ~1/alpha epochs
+                f: uint256 = f_gap
+                if c_i == 0 and ps.last_epoch_p1 != 0:
+                    f = DECAY_WAD
+                c_i = ewma._step(c_i, target, f)  # between c_i and target
+                if cap_word & HARD_BIT != 0:
+                    c_i = min(c_i, target)
             if u_eff > 0:
                 # < 2**128 * 2**49; the units of active sinks sum to u_eff, so p_i <= to_sinks
                 p_i = unsafe_div(unsafe_mul(to_sinks, u_prev), u_eff)
@@ -558,14 +565,16 @@ def rebalance(task_type: bytes32) -> uint256:
         # until verified work is credited (credit() clears the bit).
         q_cap: uint256 = backpressure._backlog_cap(c_i, hh)
         sat: uint256 = w & SAT_BIT
-        if q >= q_cap and q_cap > 0:
+        # (q > 0: with a zero cap, a sink whose signal reached 0 keeps owing its backlog
+        # through the bit instead of having it wiped by the clip below)
+        if q >= q_cap and q > 0:
             sat = SAT_BIT
         q = min(min(q, q_cap), BIAS - 1)
         units: uint256 = 0
         if sat == 0:
             # w = Cbar - Q / H, floored at 0 (q < 2**59)
             units = backpressure._units(c_i, q, hh)
-        new_total = unsafe_add(new_total, units)  # <= 64 * 2**62
+        new_total = unsafe_add(new_total, units)  # <= 64 * 2**49
         assert unclaimed <= MASK96, "pool: balance overflow"
         word: uint256 = c_i | (units << 49) | sat | mark_flag | ((q + BIAS) << 100) | (unclaimed << 160)
         self._hot[task_type][i] = word
@@ -844,6 +853,16 @@ def liabilities(task_type: bytes32) -> uint256:
 
 @external
 @view
+def last_epoch_p1(task_type: bytes32) -> uint256:
+    """
+    @notice The epoch of the last rebalance of `task_type`, plus one (0 before the first).
+            Read by the registry to know whether a lowered cap has been applied.
+    """
+    return self._clock[task_type] & MASK64
+
+
+@external
+@view
 def rebalance_due(task_type: bytes32) -> bool:
     """
     @notice True when `rebalance` would not revert with "pool: rebalance not due".
@@ -871,7 +890,7 @@ def _pool(task_type: bytes32) -> PoolState:
 @internal
 def _store_pool(task_type: bytes32, ps: PoolState):
     # spare is clamped by the caller; fee < 2**96 (PricingCurve.MAX_FEE); total units
-    # <= 64 * 2**62; epochs fit 64 bits for any realistic clock
+    # <= 64 * 2**49; epochs fit 64 bits for any realistic clock
     assert ps.pending <= MASK128 and ps.spare <= MASK128, "pool: amount overflow"
     assert ps.last_epoch_p1 <= MASK64 and ps.fee <= MASK96 and ps.total_units < 2**96, "pool: state overflow"
     self._pot[task_type] = ps.pending | (ps.spare << 128)

@@ -9,7 +9,7 @@
         epoch) is capped LINEARLY by its bond: cap = bonded // stake_per_unit, so
         splitting one bond across identities gains nothing. The target min(declared, cap)
         is published per slot, seven to a storage word, for the BackpressurePool, which
-        smooths it (EWMA, alpha = ALPHA_WAD set here, one step per rebalance) in the
+        smooths it (EWMA, alpha = ALPHA_WAD set here, one step per elapsed epoch) in the
         sink's own pool word: the one word a rebalance touches per sink anyway.
 @custom:security Trust: the owner creates task types, sets the treasury address and
         wires the pool and tracker ONCE; it can never move a member's bond. Only the
@@ -27,6 +27,7 @@ from snekmate.utils import ecdsa
 from modules import epoch_clock
 from modules import token_io
 from modules import signatures
+from interfaces import IBackpressurePool
 
 initializes: ownable
 initializes: ownable_2step[ownable := ownable]
@@ -56,15 +57,24 @@ WAD: constant(uint256) = 10**18
 #   bits  40..71   cap       bonded // stake_per_unit, clamped to MAX_CAPACITY
 #   bits  72..103  nonce     last accepted attestation nonce; kept when the sink leaves, so
 #                            its old attestations cannot be replayed after it re-registers
+#   bits 104..167  cut       epoch + 1 of the last lowering of the cap, until a later
+#                            rebalance has applied it (0: none pending)
 # Per slot entry of the published targets, 36 bits, seven to a word (slot // 7, at
 # (slot % 7) * 36): the rebalance reads 10 words for 64 sinks instead of 64.
 #   bits   0..31   target    min(declared, cap); 0 unless ACTIVE
 #   bits  32..33   status    FREE / ACTIVE / LEAVING
+#   bit       34   hard      the target is also a ceiling for the pool's smoothed signal:
+#                            set while the cap binds (cap <= declared) or a lowered cap has
+#                            not yet been applied by a rebalance. The pool steps its signal
+#                            by one EWMA step per epoch either way and, when hard, clamps it
+#                            to the target, so it never stays above the bond's cap.
 MASK32: constant(uint256) = 2**32 - 1
 MASK36: constant(uint256) = 2**36 - 1
+MASK64: constant(uint256) = 2**64 - 1
 SLOT_MASK: constant(uint256) = 255
 PER_WORD: constant(uint256) = 7
 TARGET_WORDS: constant(uint256) = 10  # ceil(MAX_SINKS / PER_WORD)
+HARD_BIT: constant(uint256) = 2**34
 STATUS_FREE: constant(uint256) = 0
 STATUS_ACTIVE: constant(uint256) = 1
 STATUS_LEAVING: constant(uint256) = 2
@@ -108,10 +118,12 @@ struct SinkState:
     declared: uint256
     cap: uint256
     nonce: uint256
+    cut_epoch_p1: uint256
 
 struct Target:
     target: uint256
     status: uint256
+    hard: bool
 
 task_types: public(HashMap[bytes32, TaskType])
 # the sink word (layout above)
@@ -337,7 +349,7 @@ def register_sink(task_type: bytes32, bond: uint256, capacity: uint256) -> uint2
     # the nonce survives an earlier membership (see the layout)
     nonce: uint256 = (word >> 72) & MASK32
     self._sink[task_type][msg.sender] = self._pack_sink(slot + 1, declared, cap, nonce)
-    self._publish(task_type, slot, declared, cap, STATUS_ACTIVE)
+    self._publish(task_type, slot, declared, cap, STATUS_ACTIVE, cap <= declared)
     log SinkRegistered(task_type=task_type, sink=msg.sender, slot=slot, bond=bond, declared=declared)
     log CapacityDeclared(task_type=task_type, sink=msg.sender, declared=declared, nonce=nonce)
     return slot
@@ -356,7 +368,7 @@ def deregister_sink(task_type: bytes32):
     slot: uint256 = self._slot_in(word)
     # keep only the nonce
     self._sink[task_type][msg.sender] = word & (MASK32 << 72)
-    self._publish(task_type, slot, 0, 0, STATUS_LEAVING)
+    self._publish(task_type, slot, 0, 0, STATUS_LEAVING, False)
     b: Bond = self.bonds[task_type][msg.sender]
     b.unbonding += b.bonded
     b.bonded = 0
@@ -374,10 +386,9 @@ def release_slot(task_type: bytes32, slot: uint256):
     @param slot A LEAVING slot.
     """
     assert msg.sender == self.pool, "registry: caller is not the pool"
-    assert slot < MAX_SINKS, "registry: slot out of range"
     assert self._target(task_type, slot).status == STATUS_LEAVING, "registry: slot not leaving"
     sink: address = self.member_at[task_type][slot]
-    self._publish(task_type, slot, 0, 0, STATUS_FREE)
+    self._publish(task_type, slot, 0, 0, STATUS_FREE, False)
     self.member_at[task_type][slot] = empty(address)
     self.occupied[task_type] &= ~(1 << slot)
     log SlotReleased(task_type=task_type, slot=slot, sink=sink)
@@ -393,12 +404,9 @@ def declare_capacity(task_type: bytes32, capacity: uint256):
     @param task_type The market.
     @param capacity The new declared capacity.
     """
-    word: uint256 = self._sink[task_type][msg.sender]
-    slot: uint256 = self._slot_in(word)
-    declared: uint256 = min(capacity, MAX_CAPACITY)
-    cap: uint256 = (word >> 40) & MASK32
-    self._sink[task_type][msg.sender] = (word & ~(MASK32 << 8)) | (declared << 8)
-    self._publish(task_type, slot, declared, cap, STATUS_ACTIVE)
+    word: uint256 = self._declare(task_type, self._sink[task_type][msg.sender], min(capacity, MAX_CAPACITY), True)
+    self._sink[task_type][msg.sender] = word
+    declared: uint256 = (word >> 8) & MASK32
     log CapacityDeclared(task_type=task_type, sink=msg.sender, declared=declared, nonce=(word >> 72) & MASK32)
 
 
@@ -449,9 +457,9 @@ def submit_attestations(task_type: bytes32, attestations: DynArray[Attestation, 
         ):
             log AttestationRejected(task_type=task_type, sink=sink, nonce=nonce, reason=REJECT_BAD_SIGNATURE)
             continue
-        # keep slot and cap; replace declared and nonce (both < 2**32: read from 32-bit fields)
-        self._sink[task_type][sink] = (word & (SLOT_MASK | (MASK32 << 40))) | (capacity << 8) | (nonce << 72)
-        self._publish(task_type, unsafe_sub(word & SLOT_MASK, 1), capacity, (word >> 40) & MASK32, STATUS_ACTIVE)
+        # the new nonce (< 2**32: read from a 32-bit field), then the declaration
+        word = (word & ~(MASK32 << 72)) | (nonce << 72)
+        self._sink[task_type][sink] = self._declare(task_type, word, capacity, True)
         accepted.append(head)
     if len(accepted) > 0:
         log CapacitiesAttested(task_type=task_type, heads=accepted)
@@ -584,8 +592,9 @@ def slot_of(task_type: bytes32, sink: address) -> uint256:
 def sink_state(task_type: bytes32, sink: address) -> SinkState:
     """
     @notice A sink's record: slot + 1 (0 if not a member), declared capacity, cap (bond //
-            stake_per_unit, at most MAX_CAPACITY) and the last accepted attestation nonce.
-            The smoothed capacity lives in the pool (BackpressurePool.position).
+            stake_per_unit, at most MAX_CAPACITY), the last accepted attestation nonce, and
+            the epoch + 1 of a lowered cap not yet known to be applied (0: none). The
+            smoothed capacity lives in the pool (BackpressurePool.position).
     """
     word: uint256 = self._sink[task_type][sink]
     return SinkState(
@@ -593,6 +602,7 @@ def sink_state(task_type: bytes32, sink: address) -> SinkState:
         declared=(word >> 8) & MASK32,
         cap=(word >> 40) & MASK32,
         nonce=(word >> 72) & MASK32,
+        cut_epoch_p1=(word >> 104) & MASK64,
     )
 
 
@@ -600,8 +610,8 @@ def sink_state(task_type: bytes32, sink: address) -> SinkState:
 @view
 def target_of(task_type: bytes32, slot: uint256) -> Target:
     """
-    @notice A slot's published entry: target min(declared, cap) and status (0 free,
-            1 active, 2 leaving).
+    @notice A slot's published entry: target min(declared, cap), status (0 free, 1 active,
+            2 leaving), and whether the target is also a ceiling for the pool's signal.
     """
     assert slot < MAX_SINKS, "registry: slot out of range"
     return self._target(task_type, slot)
@@ -612,9 +622,9 @@ def target_of(task_type: bytes32, slot: uint256) -> Target:
 def capacities(task_type: bytes32) -> (uint256, uint256[MAX_SINKS]):
     """
     @notice The number of slots in use n and, per slot, its published entry as the pool
-            reads it: target (tasks per epoch, bits 0..31) and status (0 free, 1 active,
-            2 leaving) in the top byte; entries from n on are 0. Read by the pool once per
-            rebalance: ten storage words for 64 sinks.
+            reads it: target (tasks per epoch, bits 0..31), hard (bit 32), and status (0 free,
+            1 active, 2 leaving) in the top byte; entries from n on are 0. Read by the pool
+            once per rebalance: ten storage words for 64 sinks.
     @dev A fixed-size array: no length bookkeeping per entry (cheaper than a DynArray).
     """
     out: uint256[MAX_SINKS] = empty(uint256[MAX_SINKS])
@@ -630,7 +640,7 @@ def capacities(task_type: bytes32) -> (uint256, uint256[MAX_SINKS]):
             k = unsafe_add(k, 1)  # <= TARGET_WORDS: i < 64 = 7 * 9 + 1
             sh = 0
         e: uint256 = (word >> sh) & MASK36
-        out[i] = (e & MASK32) | ((e >> 32) << STATUS_SHIFT)
+        out[i] = (e & MASK32) | ((e >> 34) << 32) | (((e >> 32) & 3) << STATUS_SHIFT)
         sh = unsafe_add(sh, 36)
     return n, out
 
@@ -683,22 +693,55 @@ def _free_slot(task_type: bytes32) -> uint256:
 @internal
 def _set_cap(task_type: bytes32, sink: address, bonded: uint256):
     """
-    @dev Recomputes a member's cap after a bond change and republishes its target (a
-         lower target reaches the pool's signal at once, at its next rebalance).
+    @dev Recomputes a member's cap after a bond change and republishes its target. A lower
+         cap is recorded (cut) and published hard: the pool's signal may sit above the new
+         cap, so the next rebalance clamps it there; the mark lasts until a later rebalance.
     """
     word: uint256 = self._sink[task_type][sink]
+    old_cap: uint256 = (word >> 40) & MASK32
     cap: uint256 = min(bonded // self.task_types[task_type].stake_per_unit, MAX_CAPACITY)
-    self._sink[task_type][sink] = (word & ~(MASK32 << 40)) | (cap << 40)
-    self._publish(task_type, self._slot_in(word), (word >> 8) & MASK32, cap, STATUS_ACTIVE)
+    word = (word & ~(MASK32 << 40)) | (cap << 40)
+    if cap < old_cap:
+        word = (word & ~(MASK64 << 104)) | ((epoch_clock._epoch() + 1) << 104)
+    # a slash lands here in the middle of the pool's rebalance, whose views are locked
+    # then: never ask the pool from this path (a pending cut just stays pending)
+    self._sink[task_type][sink] = self._declare(task_type, word, (word >> 8) & MASK32, False)
 
 
 @internal
-def _publish(task_type: bytes32, slot: uint256, declared: uint256, cap: uint256, status: uint256):
+def _declare(task_type: bytes32, word_in: uint256, declared: uint256, may_clear: bool) -> uint256:
+    """
+    @dev Sets `declared` in a member's word, publishes its target, and returns the word.
+         The target is hard while the cap binds or a lowered cap is pending: lowered in an
+         epoch no rebalance has started after (a rebalance in the same epoch may have run
+         before the lowering, so only a later one counts). With `may_clear`, an applied cut
+         is cleared (asking the pool for its last rebalance epoch).
+    """
+    word: uint256 = (word_in & ~(MASK32 << 8)) | (declared << 8)
+    cap: uint256 = (word >> 40) & MASK32
+    hard: bool = cap <= declared
+    cut: uint256 = (word >> 104) & MASK64
+    if cut != 0:
+        applied: bool = False
+        if may_clear and self.pool != empty(address):
+            applied = staticcall IBackpressurePool(self.pool).last_epoch_p1(task_type) > cut
+        if applied:
+            word &= ~(MASK64 << 104)
+        else:
+            hard = True
+    self._publish(task_type, self._slot_in(word), declared, cap, STATUS_ACTIVE, hard)
+    return word
+
+
+@internal
+def _publish(task_type: bytes32, slot: uint256, declared: uint256, cap: uint256, status: uint256, hard: bool):
     """
     @dev Writes the slot's entry in the published targets (declared, cap <= MAX_CAPACITY;
          slot < MAX_SINKS, so the word index is < TARGET_WORDS).
     """
     e: uint256 = min(declared, cap) | (status << 32)
+    if hard:
+        e |= HARD_BIT
     k: uint256 = unsafe_div(slot, PER_WORD)
     sh: uint256 = unsafe_mul(unsafe_sub(slot, unsafe_mul(k, PER_WORD)), 36)
     self._targets[task_type][k] = (self._targets[task_type][k] & ~(MASK36 << sh)) | (e << sh)
@@ -709,7 +752,7 @@ def _publish(task_type: bytes32, slot: uint256, declared: uint256, cap: uint256,
 def _target(task_type: bytes32, slot: uint256) -> Target:
     k: uint256 = slot // PER_WORD
     e: uint256 = (self._targets[task_type][k] >> ((slot % PER_WORD) * 36)) & MASK36
-    return Target(target=e & MASK32, status=e >> 32)
+    return Target(target=e & MASK32, status=(e >> 32) & 3, hard=e & HARD_BIT != 0)
 
 
 @internal

@@ -525,8 +525,9 @@ def market_snapshot(d: Deployed, name: str, tid: bytes, me: str | None = None) -
         if tg.status == 0:
             continue
         b = reg.bonds(tid, sink)
-        ss = reg.sink_state(tid, sink)
         status = {1: "active", 2: "leaving"}.get(tg.status, str(tg.status))
+        # a sink that left has no declaration in this slot (it may hold another slot by now)
+        declared, cap = (reg.sink_state(tid, sink)[1:3]) if status == "active" else (0, 0)
         hw = decode_hot(pool.hot_word(tid, slot))
         units, unclaimed = hw.units, hw.unclaimed
         if status == "active":
@@ -545,8 +546,8 @@ def market_snapshot(d: Deployed, name: str, tid: bytes, me: str | None = None) -
             "bond": b.bonded,
             "unbonding": b.unbonding,
             "unbond_release": b.release,
-            "declared": ss.declared,
-            "cap": ss.cap,
+            "declared": declared,
+            "cap": cap,
             "smoothed_capacity": smoothed,
             "backlog_tasks": backlog / TASK_SCALE,
             "backlog_epochs": (backlog / TASK_SCALE) / smoothed if smoothed else 0.0,

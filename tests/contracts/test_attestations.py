@@ -38,11 +38,11 @@ def test_relayed_batch_declares_for_each_sink(registry, signer, sink_a, sink_b, 
     ]
     assert [Attestation.unpack_head(h)[:3] for h in own_events(tx, registry)[0].heads] == [
         (sink_a.address, 150, 1), (sink_b.address, 500, 1)]
-    assert registry.sink_state(CHEAP, sink_a) == (1, 150, 200, 1)
-    assert registry.sink_state(CHEAP, sink_b) == (2, 500, 200, 1)
-    # the published targets: 150 under the cap of 200; 500 clamped to the cap
-    assert registry.target_of(CHEAP, 0) == (150, 1)
-    assert registry.target_of(CHEAP, 1) == (200, 1)
+    assert registry.sink_state(CHEAP, sink_a) == (1, 150, 200, 1, 0)
+    assert registry.sink_state(CHEAP, sink_b) == (2, 500, 200, 1, 0)
+    # the published targets: 150 under the cap of 200; 500 clamped to the cap, which binds (hard)
+    assert registry.target_of(CHEAP, 0) == (150, 1, False)
+    assert registry.target_of(CHEAP, 1) == (200, 1, True)
 
 
 def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, stranger, relayer):
@@ -65,7 +65,7 @@ def test_bad_entries_are_skipped_with_reasons(registry, signer, sink_a, sink_b, 
     ]
     st = registry.sink_state(CHEAP, sink_a)
     assert (st.declared, st.nonce) == (30, 6)
-    assert registry.target_of(CHEAP, 0) == (30, 1)
+    assert registry.target_of(CHEAP, 0) == (30, 1, False)
 
 
 def test_attestation_for_another_task_type_does_not_transfer(registry, signer, sink_a, relayer):
@@ -98,7 +98,7 @@ def test_burst_of_attestations_moves_the_signal_one_step(registry, pool, signer,
 def test_attested_capacity_is_clamped_to_the_bond(registry, pool, signer, sink_a, relayer, clock, keeper):
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
     registry.submit_attestations(CHEAP, [signer.attestation(sink_a, 2**32 - 1, 1)[1]], sender=relayer)
-    assert registry.target_of(CHEAP, 0) == (100, 1)
+    assert registry.target_of(CHEAP, 0) == (100, 1, True)
     clock.next_epoch(200)
     pool.rebalance(CHEAP, sender=keeper)
     assert smoothed(pool, sink_a) == 100 * TASK_SCALE
@@ -113,7 +113,7 @@ def test_nonce_survives_leaving_so_old_attestations_cannot_be_replayed(registry,
     assert registry.submit_attestations.call(CHEAP, [old], sender=relayer) == 1
     registry.submit_attestations(CHEAP, [old], sender=relayer)
     registry.deregister_sink(CHEAP, sender=sink_a)
-    assert registry.sink_state(CHEAP, sink_a) == (0, 0, 0, 3)
+    assert registry.sink_state(CHEAP, sink_a) == (0, 0, 0, 3, 0)
     registry.register_sink(CHEAP, 100 * USDC, 10, sender=sink_a)
     assert registry.sink_state(CHEAP, sink_a).nonce == 3
     tx = registry.submit_attestations(CHEAP, [old], sender=relayer)

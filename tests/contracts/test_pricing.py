@@ -148,7 +148,9 @@ def test_price_rises_with_backlog_and_escrow_pressure(proto, pricing, pool, escr
     pool.rebalance(CHEAP, sender=keeper)
     base = pricing.base_fee(CHEAP)
     q, c = pool.backlog_of(CHEAP, sink_a)
-    assert q > 0 and c > 0
+    pos = pool.position(CHEAP, sink_a)
+    # the smoothed capacity and the backlog, not the (backlog-reduced) units
+    assert q > 0 and c > 0 and (q, c) == (pos.backlog, pos.capacity) and c != pos.units
     congestion = min(10_000 * q // c, 30_000)
     assert pricing.price(CHEAP, sink_a) == base * (10_000 + congestion) // 10_000
     # escrow at 50 % of its max adds 0.8 * 0.5 = 40 %

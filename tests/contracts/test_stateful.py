@@ -175,16 +175,23 @@ class PoolEscrowMachine(RuleBasedStateMachine):
                 pool.rebalance(CHEAP, sender=self.keeper)
             self.clock.next_epoch()
         reg = self.p.registry
-        # what the rebalance reads (a slash inside it may lower a target afterwards)
-        targets = [reg.target_of(CHEAP, i) for i in range(reg.slot_count(CHEAP))]
+        # what the rebalance reads (a slash inside it may change a target afterwards)
+        n = reg.slot_count(CHEAP)
+        targets = [reg.target_of(CHEAP, i) for i in range(n)]
+        caps = [reg.sink_state(CHEAP, reg.member_at(CHEAP, i)).cap if targets[i].status == 1 else 0 for i in range(n)]
+        before = [hot(pool, CHEAP, i)["capacity"] for i in range(n)]
         pool.rebalance(CHEAP, sender=self.keeper)
-        for i in range(reg.slot_count(CHEAP)):
+        for i in range(n):
             if reg.target_of(CHEAP, i).status != 1:  # free (released) or leaving: no units, nothing owed on the slot
                 assert pool.hot_word(CHEAP, i) == 0
             else:
-                # units <= smoothed capacity <= the target it read (falls are at once)
-                h = hot(pool, CHEAP, i)
-                assert h["units"] <= h["capacity"] <= targets[i].target * TASK_SCALE
+                # units <= smoothed capacity, which moved toward the target it read (an EWMA
+                # step), never above the bond's cap, and not above a hard target
+                h, t = hot(pool, CHEAP, i), targets[i].target * TASK_SCALE
+                assert h["units"] <= h["capacity"] <= caps[i] * TASK_SCALE
+                assert min(before[i], t) <= h["capacity"] <= max(before[i], t)
+                if targets[i].hard:
+                    assert h["capacity"] <= t
 
     @rule()
     def drain(self):
@@ -408,7 +415,12 @@ class RegistryTrackerMachine(RuleBasedStateMachine):
             if sp1:
                 st_ = reg.sink_state(CHEAP, sink)
                 assert st_.cap == min(on_chain.bonded // USDC, 2**32 - 1)
-                assert reg.target_of(CHEAP, sp1 - 1) == (min(st_.declared, st_.cap), 1)
+                hard = st_.cap <= st_.declared or st_.cut_epoch_p1 != 0
+                assert reg.target_of(CHEAP, sp1 - 1) == (min(st_.declared, st_.cap), 1, hard)
+                # the pool's signal is within the cap unless a lowered cap is still pending
+                # (then the next rebalance clamps it: asserted in the pool machine)
+                if st_.cut_epoch_p1 == 0:
+                    assert hot(self.p.pool, CHEAP, sp1 - 1)["capacity"] <= st_.cap * TASK_SCALE
 
     @invariant()
     def no_receipt_counted_twice(self):
