@@ -6,6 +6,7 @@ import pytest
 from ape import chain
 
 from .conftest import CHEAP, PREMIUM, USDC, WAD, assert_conserved, hot, own_events, smoothed, warm_market
+from bench.sim_model import ewma_decay
 from pura.layout import TASK_SCALE
 from pura.signing import task_type_id
 
@@ -272,27 +273,13 @@ def test_first_rebalance_counts_epochs_from_zero(registry, pool, sink_a, sink_b,
     pool.rebalance(CHEAP, sender=keeper)
     gap = clock.epoch()
     assert gap >= start + 2
-    expected = 100 * TASK_SCALE - 100 * TASK_SCALE * pow_wad(7 * 10**17, gap) // WAD
+    expected = 100 * TASK_SCALE - 100 * TASK_SCALE * ewma_decay(gap, 7 * 10**17) // WAD
     assert smoothed(pool, sink_a) == expected
     registry.register_sink(CHEAP, 200 * USDC, 100, sender=sink_b)
     assert smoothed(pool, sink_b) == 0
     clock.next_epoch()
     pool.rebalance(CHEAP, sender=keeper)
     assert smoothed(pool, sink_b) == 30 * TASK_SCALE
-
-
-def pow_wad(base, n):
-    """(base / WAD)^n in WAD, every product floored (ewma._decay)."""
-    if n == 1:
-        return base
-    result, b = WAD, base
-    while n:
-        if n & 1:
-            result = result * b // WAD
-        n >>= 1
-        if n:
-            b = b * b // WAD
-    return result
 
 
 def test_ewma_reaches_target_exactly(registry, pool, sink_a, clock, keeper):
